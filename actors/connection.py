@@ -1,0 +1,139 @@
+"""One Ray client connection per worker process.
+
+Ray client only works when the client runs the cluster's Ray version and Python minor
+version; otherwise ``ray.init`` fails with Ray's raw "Version mismatch" error. ``connect``
+turns that into ``RayVersionMismatch``, which names both sides and says what to change.
+The connection is opened after the worker process forks (never at import) and reopened with
+backoff when it drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import random
+import re
+import threading
+import time
+from typing import Optional
+
+logger = logging.getLogger("ray_executor.ray")
+
+_MISMATCH = re.compile(
+    r"cluster was started with:\s*Ray:\s*(?P<cluster_ray>\S+)\s*Python:\s*(?P<cluster_py>\S+)"
+    r".*?was started with:\s*Ray:\s*(?P<local_ray>\S+)\s*Python:\s*(?P<local_py>\S+)",
+    re.S,
+)
+
+
+class RayVersionMismatch(RuntimeError):
+    """The cluster's Ray or Python version differs from this worker's."""
+
+    def __init__(self, address: str, cluster_ray: str, cluster_python: str,
+                 local_ray: str, local_python: str) -> None:
+        self.cluster_ray = cluster_ray
+        self.cluster_python = cluster_python
+        self.local_ray = local_ray
+        self.local_python = local_python
+        minor = ".".join(cluster_python.split(".")[:2])
+        super().__init__(
+            f"Ray cluster at {address} runs Ray {cluster_ray} on Python {cluster_python}, "
+            f"but this worker runs Ray {local_ray} on Python {local_python}. Ray client needs "
+            f"the same Ray version and Python minor version on both sides: run the worker on "
+            f"Python {minor} with ray=={cluster_ray} (worker image build args PYTHON_VERSION="
+            f"{minor} RAY_VERSION={cluster_ray}), or set RAY_ADDRESS to a cluster that matches."
+        )
+
+
+class RayUnavailable(ConnectionError):
+    """The Ray cluster cannot be reached right now; the job should be retried later."""
+
+
+class RayConnection:
+    """The Ray client connection of this process.
+
+    Parameters:
+      address: a ``ray://host:port`` address.
+      namespace: Ray namespace for named runners.
+    """
+
+    def __init__(self, address: str, *, namespace: str = "ray-executor") -> None:
+        self.address = address
+        self.namespace = namespace
+        self._lock = threading.Lock()
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        if not self._connected:
+            return False
+        import ray
+
+        return bool(ray.is_initialized())
+
+    def connect(self) -> None:
+        """Open the connection, or raise ``RayVersionMismatch`` / ``RayUnavailable``."""
+        import ray
+
+        with self._lock:
+            if self.connected:
+                return
+            started = time.monotonic()
+            try:
+                ray.init(
+                    self.address,
+                    namespace=self.namespace,
+                    logging_level=logging.WARNING,
+                    log_to_driver=False,
+                )
+            except RuntimeError as exc:
+                mismatch = _MISMATCH.search(str(exc))
+                if mismatch:
+                    raise RayVersionMismatch(self.address, *mismatch.groups()) from None
+                raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
+            except ConnectionError as exc:
+                raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
+            self._connected = True
+            logger.info(
+                "connected to Ray at %s in %.2fs (Ray %s, Python %s)", self.address,
+                time.monotonic() - started, ray.__version__, platform.python_version(),
+            )
+
+    def ensure(self, attempts: int = 5, base_delay: float = 0.5, max_delay: float = 8.0) -> None:
+        """Connect if not connected, retrying with exponential backoff and jitter."""
+        for attempt in range(attempts):
+            if self.connected:
+                return
+            try:
+                self.connect()
+                return
+            except RayUnavailable:
+                if attempt == attempts - 1:
+                    raise
+                delay = min(max_delay, base_delay * 2**attempt) * random.uniform(0.5, 1.0)
+                logger.warning("Ray at %s unreachable; retrying in %.1fs", self.address, delay)
+                self.disconnect()
+                time.sleep(delay)
+
+    def disconnect(self) -> None:
+        import ray
+
+        with self._lock:
+            self._connected = False
+            try:
+                ray.shutdown()
+            except Exception:  # a half-open client may fail to shut down; it is gone anyway
+                logger.debug("ray.shutdown failed", exc_info=True)
+
+
+_current: Optional[RayConnection] = None
+
+
+def current() -> Optional[RayConnection]:
+    """The connection opened in this process by the worker middleware, if any."""
+    return _current
+
+
+def set_current(connection: Optional[RayConnection]) -> None:
+    global _current
+    _current = connection

@@ -1,0 +1,188 @@
+"""The message contract shared by the bridge and the workers.
+
+What one Dramatiq message of an agent job carries (``AgentJob``), the Redis keys of the
+deliberation state, the NATS subjects and the payloads of every event published there.
+Standard library only, Python 3.9 compatible: both sides import it.
+
+Event payloads are rendered from the stored state (the deliberation record and its agents'
+records), never from a worker's memory, so an event published again after a crash carries the
+same content under the same ``Nats-Msg-Id``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any, Dict, List, Mapping, Optional
+
+from bridge.settings import Settings
+
+# Deliberation and agent statuses.
+QUEUED = "queued"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+NOT_FOUND = "not_found"
+FINAL_STATUSES = (COMPLETED, FAILED, CANCELLED)
+
+# Job kind of the first (and default) agent job.
+VLLM_AGENT = "vllm_agent"
+
+
+def now_ms() -> int:
+    return int(datetime.datetime.now(datetime.timezone.utc).timestamp() * 1000)
+
+
+def iso(ms: Optional[int] = None) -> str:
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-29T10:00:00.000Z``."""
+    stamp = datetime.datetime.fromtimestamp(
+        (now_ms() if ms is None else ms) / 1000, datetime.timezone.utc
+    )
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentJob:
+    """One agent of one deliberation: the keyword arguments of its Dramatiq message."""
+
+    deliberation_id: str
+    task_id: str
+    agent_id: str
+    agent_index: int
+    num_agents: int
+    role: str
+    model: str
+    prompt_template: str
+    task_description: str
+    task_role: str
+    vllm_url: str
+    timeout_seconds: int
+    max_retries: int
+    story_id: str = ""
+    plan_id: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    kind: str = VLLM_AGENT
+
+    def to_kwargs(self) -> Dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["metadata"] = dict(self.metadata)
+        return data
+
+    @classmethod
+    def from_kwargs(cls, data: Mapping[str, Any]) -> AgentJob:
+        names = {field.name for field in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in names})
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.deliberation_id}:{self.agent_id}"
+
+
+class Keys:
+    """Redis keys of the deliberation state, under ``settings.key_prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.active = f"{prefix}:active"  # zset: deliberation id -> created ms
+        self.stats = f"{prefix}:stats"  # hash of counters
+        self.outbox = f"{prefix}:outbox"  # hash: event id -> JSON of what to publish
+        self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent
+
+    def deliberation(self, deliberation_id: str) -> str:
+        return f"{self.prefix}:d:{deliberation_id}"
+
+    def agents(self, deliberation_id: str) -> str:
+        return f"{self.prefix}:d:{deliberation_id}:agents"
+
+    def events(self, deliberation_id: str) -> str:
+        return f"{self.prefix}:d:{deliberation_id}:events"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+
+class Subjects:
+    """NATS subjects and streams (ARCHITECTURE.md), all from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.commands = settings.nats_commands_prefix
+        self.responses = settings.nats_responses_prefix
+        self.events = settings.nats_events_prefix
+        self.deliberate = f"{self.commands}.deliberate"
+        self.dead_letter = f"{self.commands}.dlq.deliberate"
+        self.streams = {
+            settings.nats_commands_stream: [f"{self.commands}.>"],
+            settings.nats_responses_stream: [f"{self.responses}.>"],
+            settings.nats_events_stream: [f"{self.events.split('.')[0]}.>"],
+        }
+
+    def agent(self, outcome: str) -> str:
+        """``agent.response.completed|failed|progress``."""
+        return f"{self.responses}.{outcome}"
+
+    def deliberation(self, outcome: str) -> str:
+        """``orchestration.deliberation.submitted|completed|failed|cancelled``."""
+        return f"{self.events}.{outcome}"
+
+
+def event_id(deliberation_id: str, event: str, agent_id: str = "") -> str:
+    """Deterministic ``Nats-Msg-Id``: a redelivered job publishes the same id again."""
+    return f"{deliberation_id}:{agent_id}:{event}" if agent_id else f"{deliberation_id}:{event}"
+
+
+def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str, Any]:
+    """Payload of ``agent.response.completed`` or ``agent.response.failed``."""
+    common = {
+        "task_id": record.get("task_id"),
+        "deliberation_id": record.get("id"),
+        "agent_id": agent["agent_id"],
+        "role": agent.get("role", ""),
+        "status": agent["status"],
+        "attempts": int(agent.get("attempts") or 0),
+        "duration_ms": int(agent.get("duration_ms") or 0),
+        "timestamp": iso(int(agent.get("end_ms") or 0) or None),
+        "model": agent.get("model", ""),
+        "num_agents": int(record.get("num_agents") or 0),
+    }
+    if agent["status"] == COMPLETED:
+        result = agent.get("result") or {}
+        common["model"] = result.get("model") or common["model"]
+        common["proposal"] = {
+            "content": result.get("content", ""),
+            "author_id": agent["agent_id"],
+            "author_role": agent.get("role", ""),
+            "model": common["model"],
+            "temperature": result.get("temperature"),
+            "tokens": int(result.get("tokens") or 0),
+        }
+        common["reasoning"] = result.get("reasoning", "")
+        common["score"] = float(result.get("score") or 0.0)
+        common["usage"] = result.get("usage") or {}
+    else:
+        common["error"] = agent.get("error", "")
+        common["error_type"] = agent.get("error_type", "")
+        common["retryable"] = bool(agent.get("retryable", False))
+    return common
+
+
+def deliberation_event(record: Mapping[str, Any], agents: List[Mapping[str, Any]]
+                       ) -> Dict[str, Any]:
+    """Payload of ``orchestration.deliberation.submitted|completed|failed|cancelled``."""
+    completed = [agent_event(record, a) for a in agents if a.get("status") == COMPLETED]
+    failed = [agent_event(record, a) for a in agents if a.get("status") == FAILED]
+    created = int(record.get("created_ms") or 0)
+    finished = int(record.get("finished_ms") or 0)
+    return {
+        "deliberation_id": record.get("id"),
+        "task_id": record.get("task_id"),
+        "status": record.get("status"),
+        "results": completed,
+        "failed_agents": failed,
+        "num_agents": int(record.get("num_agents") or len(agents)),
+        "completed_count": len(completed),
+        "failed_count": len(failed),
+        "duration_ms": max(0, finished - created) if finished else 0,
+        "reason": record.get("cancel_reason", ""),
+        "timestamp": iso(finished or created or None),
+    }

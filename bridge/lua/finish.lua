@@ -1,0 +1,33 @@
+-- finish: record an agent outcome and its outbox entry; the last outcome ends the deliberation.
+-- KEYS: record, agents, events, active, outbox, outbox due, stats
+-- ARGV: agent id, now ms, outcome json, event json, outbox id, outbox entry json, ttl s, lease ms
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing'} end
+local raw = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw then return {'missing'} end
+local agent = cjson.decode(raw)
+if agent.status == 'completed' or agent.status == 'failed' then return {'duplicate'} end
+local outcome = cjson.decode(ARGV[3])
+for k, v in pairs(outcome) do agent[k] = v end
+redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(agent))
+local counter = outcome.status == 'completed' and 'completed' or 'failed'
+local done = redis.call('HINCRBY', KEYS[1], counter, 1)
+redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
+if status == 'cancelled' then return {'cancelled'} end
+redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
+redis.call('ZADD', KEYS[6], ARGV[2] + ARGV[8], ARGV[5])
+local finished = tonumber(redis.call('HGET', KEYS[1], 'completed') or 0)
+  + tonumber(redis.call('HGET', KEYS[1], 'failed') or 0)
+if finished < tonumber(redis.call('HGET', KEYS[1], 'num_agents')) then return {'recorded'} end
+local final = tonumber(redis.call('HGET', KEYS[1], 'completed') or 0) > 0 and 'completed' or 'failed'
+redis.call('HSET', KEYS[1], 'status', final, 'finished_ms', ARGV[2])
+redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_ms'))
+redis.call('HINCRBY', KEYS[7], final, 1)
+redis.call('HINCRBY', KEYS[7], 'duration_ms', ARGV[2] - created)
+redis.call('XADD', KEYS[3], '*', 'event', cjson.encode({event = final, status = final, time_ms = tonumber(ARGV[2])}))
+local final_id = redis.call('HGET', KEYS[1], 'id') .. ':' .. final
+redis.call('HSET', KEYS[5], final_id, cjson.encode({kind = 'deliberation', event = final, deliberation_id = redis.call('HGET', KEYS[1], 'id')}))
+redis.call('ZADD', KEYS[6], ARGV[2] + ARGV[8], final_id)
+for _, key in ipairs({KEYS[1], KEYS[2], KEYS[3]}) do redis.call('EXPIRE', key, ARGV[7]) end
+return {'final', final}

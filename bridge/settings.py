@@ -1,0 +1,256 @@
+"""Every setting of ray-executor, typed, read from the environment in one place.
+
+Shared by both sides (the bridge and the Python 3.9 workers), so it uses only the standard
+library and Python 3.9 syntax. The five plain names deployments already set (``RAY_ADDRESS``,
+``NATS_URL``, ``REDIS_URL``, ``VLLM_URL``, ``VLLM_MODEL``) keep their names; everything else
+is under the ``RAY_EXECUTOR_`` prefix. An empty URL means "start one locally" for the embedded
+run command (``ray-executor up``) and "not configured" for every other command.
+
+``README.md`` documents each setting; a test checks the two agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional, Tuple
+
+PREFIX = "RAY_EXECUTOR_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def _setting(env: str, default: Any, doc: str, *, minimum: Optional[float] = None) -> Any:
+    return dataclasses.field(
+        default=default, metadata={"env": env, "doc": doc, "minimum": minimum}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    # --- connections (plain names) ---
+    ray_address: str = _setting(
+        "RAY_ADDRESS", "", "Ray client address of the cluster, e.g. ray://ray-head:10001."
+    )
+    nats_url: str = _setting(
+        "NATS_URL", "", "NATS server URL(s), comma-separated, e.g. nats://nats:4222."
+    )
+    redis_url: str = _setting(
+        "REDIS_URL", "", "Redis URL of the Dramatiq broker and state, e.g. redis://redis:6379/0."
+    )
+    vllm_url: str = _setting(
+        "VLLM_URL",
+        "",
+        "Default vLLM OpenAI-compatible base URL; `{node_ip}` is replaced on the Ray node.",
+    )
+    vllm_model: str = _setting("VLLM_MODEL", "Qwen/Qwen3-0.6B", "Default model name for vLLM.")
+
+    # --- gRPC ingress ---
+    grpc_host: str = _setting(PREFIX + "GRPC_HOST", "0.0.0.0", "gRPC listen address.")
+    grpc_port: int = _setting(
+        PREFIX + "GRPC_PORT", 50056, "gRPC listen port (the Orchestrator calls 50056).", minimum=0
+    )
+    grpc_token: str = _setting(
+        PREFIX + "GRPC_TOKEN", "", "Bearer token required on every gRPC call; empty: no auth."
+    )
+    grpc_tls_cert: str = _setting(
+        PREFIX + "GRPC_TLS_CERT", "", "Path of the server certificate (PEM); empty: plaintext."
+    )
+    grpc_tls_key: str = _setting(
+        PREFIX + "GRPC_TLS_KEY", "", "Path of the server private key (PEM)."
+    )
+    grpc_tls_client_ca: str = _setting(
+        PREFIX + "GRPC_TLS_CLIENT_CA", "", "Path of a CA bundle; when set, clients need a cert."
+    )
+    grpc_shutdown_grace: float = _setting(
+        PREFIX + "GRPC_SHUTDOWN_GRACE", 10.0, "Seconds in-flight calls get on shutdown.", minimum=0
+    )
+
+    # --- request limits (validation) ---
+    max_agents: int = _setting(
+        PREFIX + "MAX_AGENTS", 16, "Most agents one deliberation may have.", minimum=1
+    )
+    max_field_bytes: int = _setting(
+        PREFIX + "MAX_FIELD_BYTES", 65536, "Largest size of one text field, in bytes.", minimum=1
+    )
+    max_request_bytes: int = _setting(
+        PREFIX + "MAX_REQUEST_BYTES",
+        1048576,
+        "Largest gRPC request or NATS payload, in bytes.",
+        minimum=1,
+    )
+    allowed_roles: Tuple[str, ...] = _setting(
+        PREFIX + "ALLOWED_ROLES", (), "Comma-separated roles agents may have; empty: any role."
+    )
+
+    # --- Dramatiq / Redis ---
+    queue: str = _setting(PREFIX + "QUEUE", "agent_jobs", "Dramatiq queue of agent jobs.")
+    key_prefix: str = _setting(
+        PREFIX + "KEY_PREFIX", "rx", "Prefix of the Redis keys holding deliberation state."
+    )
+    state_ttl_seconds: int = _setting(
+        PREFIX + "STATE_TTL_SECONDS",
+        7 * 24 * 3600,
+        "How long a finished deliberation's state stays in Redis.",
+        minimum=1,
+    )
+
+    # --- jobs ---
+    job_timeout_seconds: int = _setting(
+        PREFIX + "JOB_TIMEOUT_SECONDS",
+        600,
+        "Default time limit of one agent job (constraints.timeout_seconds overrides).",
+        minimum=1,
+    )
+    max_retries: int = _setting(
+        PREFIX + "MAX_RETRIES",
+        3,
+        "Default retries of one agent job (constraints.max_retries overrides).",
+        minimum=0,
+    )
+
+    # --- workers ---
+    worker_processes: int = _setting(
+        PREFIX + "WORKER_PROCESSES", 2, "Worker processes per `ray-executor worker`.", minimum=1
+    )
+    worker_threads: int = _setting(
+        PREFIX + "WORKER_THREADS",
+        64,
+        "Worker threads per process (each holds one in-flight job while it waits on Ray).",
+        minimum=1,
+    )
+    worker_prefetch: int = _setting(
+        PREFIX + "WORKER_PREFETCH",
+        0,
+        "Messages a process reserves ahead; 0: Dramatiq's default (2 x threads).",
+        minimum=0,
+    )
+    worker_shutdown_timeout: int = _setting(
+        PREFIX + "WORKER_SHUTDOWN_TIMEOUT",
+        600,
+        "Seconds a stopping worker waits for running jobs before requeueing them.",
+        minimum=0,
+    )
+    ray_namespace: str = _setting(
+        PREFIX + "RAY_NAMESPACE", "ray-executor", "Ray namespace of the job runners."
+    )
+
+    # --- NATS ---
+    nats_create_streams: bool = _setting(
+        PREFIX + "NATS_CREATE_STREAMS", True, "Create the JetStream streams when missing."
+    )
+    nats_commands_stream: str = _setting(
+        PREFIX + "NATS_COMMANDS_STREAM", "AGENT_COMMANDS", "Stream of `agent.cmd.>`."
+    )
+    nats_responses_stream: str = _setting(
+        PREFIX + "NATS_RESPONSES_STREAM", "AGENT_RESPONSES", "Stream of `agent.response.>`."
+    )
+    nats_events_stream: str = _setting(
+        PREFIX + "NATS_EVENTS_STREAM", "ORCHESTRATOR_EVENTS", "Stream of `orchestration.>`."
+    )
+    nats_commands_prefix: str = _setting(
+        PREFIX + "NATS_COMMANDS_PREFIX", "agent.cmd", "Subject prefix of commands."
+    )
+    nats_responses_prefix: str = _setting(
+        PREFIX + "NATS_RESPONSES_PREFIX", "agent.response", "Subject prefix of agent results."
+    )
+    nats_events_prefix: str = _setting(
+        PREFIX + "NATS_EVENTS_PREFIX",
+        "orchestration.deliberation",
+        "Subject prefix of deliberation events.",
+    )
+    nats_ingress: bool = _setting(
+        PREFIX + "NATS_INGRESS", True, "Run the NATS ingress consumer in the bridge."
+    )
+    nats_consumer: str = _setting(
+        PREFIX + "NATS_CONSUMER", "ray-executor-deliberate", "Durable consumer name of the ingress."
+    )
+
+    # --- logs ---
+    log_level: str = _setting(PREFIX + "LOG_LEVEL", "INFO", "Log level.")
+    log_format: str = _setting(
+        PREFIX + "LOG_FORMAT", "json", "`json` (one object a line) or `text` (human-readable)."
+    )
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> Settings:
+        """Read every setting from ``environ`` (default ``os.environ``).
+
+        Raises ``SettingsError`` naming the variable when a value cannot be used.
+        """
+        env = os.environ if environ is None else environ
+        values = {}
+        for field in dataclasses.fields(cls):
+            name = field.metadata["env"]
+            if name in env:
+                values[field.name] = _parse(name, env[name], field.default, field.metadata)
+        settings = cls(**values)
+        settings._check()
+        return settings
+
+    def _check(self) -> None:
+        if self.log_format not in ("json", "text"):
+            raise SettingsError(
+                f"{PREFIX}LOG_FORMAT: expected 'json' or 'text', got {self.log_format!r}"
+            )
+        if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
+            raise SettingsError(
+                f"{PREFIX}GRPC_TLS_CERT and {PREFIX}GRPC_TLS_KEY must be set together"
+            )
+
+    def as_env(self) -> dict[str, str]:
+        """Every setting as its environment variable and text value."""
+        return {
+            field.metadata["env"]: _format(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+        }
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, description) of every setting, in declaration order."""
+    return [
+        (field.metadata["env"], _format(field.default), field.metadata["doc"])
+        for field in dataclasses.fields(Settings)
+    ]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _parse(name: str, raw: str, default: Any, meta: Mapping[str, Any]) -> Any:
+    text = raw.strip()
+    value: Any
+    if isinstance(default, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise SettingsError(f"{name}: expected a boolean (true/false), got {raw!r}")
+    if isinstance(default, int):
+        try:
+            value = int(text)
+        except ValueError:
+            raise SettingsError(f"{name}: expected an integer, got {raw!r}") from None
+    elif isinstance(default, float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise SettingsError(f"{name}: expected a number, got {raw!r}") from None
+    elif isinstance(default, tuple):
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    else:
+        return raw
+    minimum = meta.get("minimum")
+    if minimum is not None and value < minimum:
+        raise SettingsError(f"{name}: must be at least {minimum}, got {raw!r}")
+    return value

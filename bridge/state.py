@@ -1,0 +1,236 @@
+"""Deliberation state in Redis, changed only by atomic Lua scripts.
+
+One script per transition, so a crash or a Redis outage never leaves half a deliberation:
+
+- ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
+  the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
+  at once. A second submit with the same key returns the first deliberation and pushes nothing.
+- ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
+  cancelled, or a redelivered message finds the agent already finished).
+- ``finish``: an agent's outcome; the last one also finishes the deliberation.
+- ``cancel``: the deliberation is cancelled unless it already ended.
+
+Each lifecycle change appends to the deliberation's event stream (``WatchDeliberation``) and,
+for what goes to NATS, writes an outbox entry in the same script (see ``bridge.outbox``).
+Async (``redis.asyncio``): the bridge awaits it directly; the workers run it on their
+process's event-loop thread.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+
+import dramatiq
+from dramatiq.common import dq_name, xq_name
+from redis.asyncio import Redis
+
+from bridge import contract
+from bridge.contract import AgentJob, Keys
+from bridge.settings import Settings
+
+DRAMATIQ_NAMESPACE = "dramatiq"
+OUTBOX_LEASE_MS = 5000  # the writer publishes at once; others take over after this
+_LUA = Path(__file__).parent / "lua"
+
+
+class StateUnavailable(ConnectionError):
+    """Redis could not be reached; nothing was changed."""
+
+
+def queue_key(queue: str) -> str:
+    return f"{DRAMATIQ_NAMESPACE}:{queue}"
+
+
+def _event(event: str, **fields: Any) -> str:
+    return json.dumps({"event": event, "time_ms": contract.now_ms(), **fields})
+
+
+class DeliberationStore:
+    """Reads and changes deliberation state.
+
+    Parameters:
+      redis: a ``redis.asyncio.Redis`` client (``decode_responses=True``).
+      settings: where key prefix, queue and TTLs come from.
+    """
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        scripts = {name: redis.register_script((_LUA / f"{name}.lua").read_text())
+                   for name in ("submit", "start", "finish", "cancel")}
+        self._submit = scripts["submit"]
+        self._start = scripts["start"]
+        self._finish = scripts["finish"]
+        self._cancel = scripts["cancel"]
+
+    # --- the bridge's side ---
+
+    async def submit(self, idempotency_key: str, record: Dict[str, Any], jobs: List[AgentJob],
+                     options: Optional[Dict[str, Any]] = None) -> Tuple[str, bool]:
+        """Record a deliberation and enqueue one message per agent, atomically.
+
+        Returns ``(deliberation_id, created)``; ``created`` is False when the idempotency key
+        was already used, in which case nothing was written or enqueued.
+        """
+        deliberation_id = record["id"]
+        now = contract.now_ms()
+        record = {**record, "status": contract.QUEUED, "created_ms": now,
+                  "completed": 0, "failed": 0, "num_agents": len(jobs)}
+        agents = [
+            [job.agent_id, json.dumps({
+                "agent_id": job.agent_id, "role": job.role, "model": job.model,
+                "index": job.agent_index, "status": contract.QUEUED, "attempts": 0,
+            })]
+            for job in jobs
+        ]
+        messages: List[str] = []
+        for job in jobs:
+            redis_id = str(uuid.uuid4())
+            message = dramatiq.Message(
+                queue_name=self.settings.queue, actor_name=job.kind, args=(),
+                kwargs=job.to_kwargs(),
+                options={"redis_message_id": redis_id, "max_retries": job.max_retries,
+                         **(options or {})},
+            )
+            messages += [redis_id, message.encode().decode()]
+        keys = [
+            self.keys.idempotency(idempotency_key), self.keys.deliberation(deliberation_id),
+            self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
+            self.keys.active, self.keys.stats, queue_key(self.settings.queue),
+            queue_key(self.settings.queue) + ".msgs", self.keys.outbox, self.keys.outbox_due,
+        ]
+        entry = {"kind": "deliberation", "event": "submitted", "deliberation_id": deliberation_id}
+        args = [deliberation_id, now, self.settings.state_ttl_seconds, json.dumps(record),
+                json.dumps(agents), _event("submitted", status=contract.QUEUED),
+                json.dumps(entry), now + OUTBOX_LEASE_MS, *messages]
+        created, existing = await self._call(self._submit, keys, args)
+        return str(existing), bool(created)
+
+    async def cancel(self, deliberation_id: str, reason: str = "") -> str:
+        """Cancel unless already ended; returns the status after the call."""
+        keys = [self.keys.deliberation(deliberation_id), self.keys.events(deliberation_id),
+                self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
+                self.keys.agents(deliberation_id)]
+        args = [deliberation_id, contract.now_ms(), reason,
+                _event("cancelled", status=contract.CANCELLED, reason=reason),
+                self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
+        return str(await self._call(self._cancel, keys, args))
+
+    async def get(self, deliberation_id: str) -> Optional[Tuple[Dict[str, str], List[Dict]]]:
+        """The deliberation record and its agents (by index), or None."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.deliberation(deliberation_id))
+            pipe.hvals(self.keys.agents(deliberation_id))
+            record, agents = await self._run(pipe)
+        if not record:
+            return None
+        decoded = sorted((json.loads(a) for a in agents), key=lambda a: a.get("index", 0))
+        return record, decoded
+
+    async def active_jobs(self) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
+        """(deliberation record, agent) of every agent job queued or running."""
+        ids = await self._guard(self.redis.zrange(self.keys.active, 0, -1))
+        jobs = []
+        for deliberation_id in ids:
+            found = await self.get(deliberation_id)
+            if found is None:
+                continue
+            record, agents = found
+            jobs += [(record, a) for a in agents
+                     if a.get("status") in (contract.QUEUED, contract.RUNNING)]
+        return jobs
+
+    async def stats(self) -> Dict[str, int]:
+        queue = queue_key(self.settings.queue)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.stats)
+            pipe.zcard(self.keys.active)
+            pipe.llen(queue)
+            pipe.llen(queue_key(dq_name(self.settings.queue)))
+            pipe.zcard(queue_key(xq_name(self.settings.queue)))
+            counters, active, ready, delayed, dead = await self._run(pipe)
+        counts = {k: int(v) for k, v in counters.items()}
+        counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
+        return counts
+
+    async def events(self, deliberation_id: str, block_ms: int = 5000
+                     ) -> AsyncIterator[Dict[str, Any]]:
+        """Every event of a deliberation from the first, as they happen; ends after the last."""
+        key = self.keys.events(deliberation_id)
+        last = "0"
+        while True:
+            batches = await self._guard(self.redis.xread({key: last}, block=block_ms, count=100))
+            for _, entries in batches or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    event = json.loads(fields["event"])
+                    yield event
+                    if event["event"] in contract.FINAL_STATUSES:
+                        return
+            if not batches and not await self._guard(self.redis.exists(key)):
+                return
+
+    # --- the workers' side ---
+
+    async def start(self, job: AgentJob, attempt: int) -> str:
+        """Begin an attempt. Returns ``run``, ``done`` (already finished), ``missing`` or the
+        deliberation's final status (``cancelled`` ...): only ``run`` means run the job."""
+        keys = [self.keys.deliberation(job.deliberation_id),
+                self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id)]
+        args = [job.agent_id, contract.now_ms(), attempt,
+                _event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
+                       attempt=attempt)]
+        (result,) = await self._call(self._start, keys, args)
+        return str(result)
+
+    async def finish(self, job: AgentJob, outcome: Dict[str, Any]) -> Tuple[str, str]:
+        """Record an agent's final outcome (``status`` completed or failed, and its fields).
+
+        Returns ``(what, final_status)``: what is ``recorded``, ``final`` (this outcome ended
+        the deliberation), ``duplicate`` (already recorded), ``cancelled`` or ``missing``.
+        """
+        now = contract.now_ms()
+        outcome = {**outcome, "end_ms": now}
+        status = outcome["status"]
+        event_id = contract.event_id(job.deliberation_id, status, job.agent_id)
+        entry = {"kind": "agent", "event": status, "deliberation_id": job.deliberation_id,
+                 "agent_id": job.agent_id}
+        keys = [self.keys.deliberation(job.deliberation_id),
+                self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id),
+                self.keys.active, self.keys.outbox, self.keys.outbox_due, self.keys.stats]
+        event = _event("agent_" + status, agent_id=job.agent_id, status=status,
+                       error=outcome.get("error", ""))
+        args = [job.agent_id, now, json.dumps(outcome), event, event_id, json.dumps(entry),
+                self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
+        result = await self._call(self._finish, keys, args)
+        return str(result[0]), str(result[1]) if len(result) > 1 else ""
+
+    async def is_cancelled(self, deliberation_id: str) -> bool:
+        status = await self._guard(
+            self.redis.hget(self.keys.deliberation(deliberation_id), "status"))
+        return status == contract.CANCELLED
+
+    # --- plumbing ---
+
+    async def _call(self, script: Any, keys: List[str], args: List[Any]) -> Any:
+        return await self._guard(script(keys=keys, args=args))
+
+    async def _run(self, pipe: Any) -> Any:
+        return await self._guard(pipe.execute())
+
+    async def _guard(self, awaitable: Any) -> Any:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+
+        try:
+            return await awaitable
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+def new_deliberation_id() -> str:
+    return f"delib-{uuid.uuid4().hex}"

@@ -1,0 +1,87 @@
+"""Real servers for the tests: valkey, nats-server with JetStream, a Ray head.
+
+Each starts on a free loopback port for the session, unless ``REDIS_URL``, ``NATS_URL`` or
+``RAY_ADDRESS`` names an external one. The Ray head comes from the worker environment (the
+cluster's Python and Ray): from this interpreter when it has Ray, else from
+``RAY_EXECUTOR_WORKER_PYTHON``. Python 3.9 compatible: the worker environment runs it too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from bridge import servers
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def worker_python() -> str:
+    """The worker environment's interpreter (Python 3.9 with Ray)."""
+    configured = os.environ.get("RAY_EXECUTOR_WORKER_PYTHON")
+    if configured:
+        return configured
+    try:
+        import ray  # noqa: F401
+
+        return sys.executable
+    except ImportError:
+        pytest.fail("RAY_EXECUTOR_WORKER_PYTHON must name the worker environment's python")
+        raise
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def redis_server(workdir: Path) -> Iterator[servers.Server]:
+    server = servers.valkey(_mk(workdir / "valkey"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(request: pytest.FixtureRequest) -> str:
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    return str(request.getfixturevalue("redis_server").url)
+
+
+@pytest.fixture(scope="session")
+def nats_server(workdir: Path) -> Iterator[servers.Server]:
+    server = servers.nats(_mk(workdir / "nats"))
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_url(request: pytest.FixtureRequest) -> str:
+    if os.environ.get("NATS_URL"):
+        return os.environ["NATS_URL"]
+    return str(request.getfixturevalue("nats_server").url)
+
+
+@pytest.fixture(scope="session")
+def ray_head(workdir: Path) -> Iterator[servers.Server]:
+    ray_binary = str(Path(worker_python()).parent / "ray")
+    server = servers.ray_head(_mk(workdir / "ray"), ray_binary)
+    yield server.start(timeout=120)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_address(request: pytest.FixtureRequest) -> str:
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    return str(request.getfixturevalue("ray_head").url)
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,56 @@
+"""The worker environment reaches a real Ray head over ray://, and a mismatch is explained."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+import pytest
+
+from actors.connection import RayConnection
+
+pytestmark = pytest.mark.worker_env
+
+
+def test_connects_and_runs_a_remote_function(ray_address: str) -> None:
+    import ray
+
+    connection = RayConnection(ray_address)
+    connection.connect()
+    try:
+        assert connection.connected
+
+        @ray.remote
+        def square(x: int) -> int:
+            return x * x
+
+        assert ray.get(square.remote(12), timeout=60) == 144
+        assert ray.get([square.remote(i) for i in range(5)], timeout=60) == [0, 1, 4, 9, 16]
+    finally:
+        connection.disconnect()
+    assert not connection.connected
+
+
+def test_a_mismatched_python_gets_an_actionable_error(ray_address: str) -> None:
+    """A client on another Python (with the same Ray) is refused with both versions named."""
+    python = os.environ.get("RAY_EXECUTOR_MISMATCH_PYTHON")
+    if not python:
+        pytest.fail("RAY_EXECUTOR_MISMATCH_PYTHON must name a non-3.9 python with Ray (make envs)")
+    code = (
+        "import sys\n"
+        "from actors.connection import RayConnection, RayVersionMismatch\n"
+        "try:\n"
+        f"    RayConnection({ray_address!r}).connect()\n"
+        "except RayVersionMismatch as exc:\n"
+        "    print(exc); sys.exit(3)\n"
+    )
+    run = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr[-2000:]
+    message = run.stdout.strip()
+    other = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert f"Python {platform.python_version()}" in message  # the cluster's (this env's)
+    assert f"Python {other}" in message  # the client's
+    assert "ray==2.49.2" in message and "RAY_ADDRESS" in message
+    assert "Traceback" not in run.stderr
