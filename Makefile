@@ -47,7 +47,7 @@ up: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
 
 lint: .venv-bridge/.installed
-	$(BRIDGE)/ruff check bridge actors tests benchmarks hatch_build.py
+	$(BRIDGE)/ruff check .
 	$(BRIDGE)/lint-imports
 	$(BRIDGE)/mypy
 

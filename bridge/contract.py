@@ -166,6 +166,19 @@ def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str
     return common
 
 
+def deliberation_submitted(record: Mapping[str, Any], agents: List[Mapping[str, Any]]
+                           ) -> Dict[str, Any]:
+    """Payload of ``orchestration.deliberation.submitted`` (the state as it was submitted)."""
+    return {
+        "deliberation_id": record.get("id"),
+        "task_id": record.get("task_id"),
+        "status": "submitted",
+        "num_agents": int(record.get("num_agents") or len(agents)),
+        "agents": [{"agent_id": a["agent_id"], "role": a.get("role", "")} for a in agents],
+        "timestamp": iso(int(record.get("created_ms") or 0) or None),
+    }
+
+
 def deliberation_event(record: Mapping[str, Any], agents: List[Mapping[str, Any]]
                        ) -> Dict[str, Any]:
     """Payload of ``orchestration.deliberation.submitted|completed|failed|cancelled``."""

@@ -110,22 +110,23 @@ class DeliberationStore:
         created, existing = await self._call(self._submit, keys, args)
         return str(existing), bool(created)
 
-    async def cancel(self, deliberation_id: str, reason: str = "") -> str:
-        """Cancel unless already ended; returns the status after the call."""
+    async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
+        """Cancel unless already ended: ``(cancelled_now, status after the call)``."""
         keys = [self.keys.deliberation(deliberation_id), self.keys.events(deliberation_id),
                 self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
                 self.keys.agents(deliberation_id)]
         args = [deliberation_id, contract.now_ms(), reason,
                 _event("cancelled", status=contract.CANCELLED, reason=reason),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
-        return str(await self._call(self._cancel, keys, args))
+        changed, status = await self._call(self._cancel, keys, args)
+        return bool(changed), str(status)
 
     async def get(self, deliberation_id: str) -> Optional[Tuple[Dict[str, str], List[Dict]]]:
         """The deliberation record and its agents (by index), or None."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.deliberation(deliberation_id))
             pipe.hvals(self.keys.agents(deliberation_id))
-            record, agents = await self._run(pipe)
+            record, agents = await self.run_pipeline(pipe)
         if not record:
             return None
         decoded = sorted((json.loads(a) for a in agents), key=lambda a: a.get("index", 0))
@@ -133,7 +134,7 @@ class DeliberationStore:
 
     async def active_jobs(self) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
         """(deliberation record, agent) of every agent job queued or running."""
-        ids = await self._guard(self.redis.zrange(self.keys.active, 0, -1))
+        ids = await self.guard(self.redis.zrange(self.keys.active, 0, -1))
         jobs = []
         for deliberation_id in ids:
             found = await self.get(deliberation_id)
@@ -152,7 +153,7 @@ class DeliberationStore:
             pipe.llen(queue)
             pipe.llen(queue_key(dq_name(self.settings.queue)))
             pipe.zcard(queue_key(xq_name(self.settings.queue)))
-            counters, active, ready, delayed, dead = await self._run(pipe)
+            counters, active, ready, delayed, dead = await self.run_pipeline(pipe)
         counts = {k: int(v) for k, v in counters.items()}
         counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
         return counts
@@ -163,7 +164,7 @@ class DeliberationStore:
         key = self.keys.events(deliberation_id)
         last = "0"
         while True:
-            batches = await self._guard(self.redis.xread({key: last}, block=block_ms, count=100))
+            batches = await self.guard(self.redis.xread({key: last}, block=block_ms, count=100))
             for _, entries in batches or []:
                 for entry_id, fields in entries:
                     last = entry_id
@@ -171,7 +172,7 @@ class DeliberationStore:
                     yield event
                     if event["event"] in contract.FINAL_STATUSES:
                         return
-            if not batches and not await self._guard(self.redis.exists(key)):
+            if not batches and not await self.guard(self.redis.exists(key)):
                 return
 
     # --- the workers' side ---
@@ -210,19 +211,19 @@ class DeliberationStore:
         return str(result[0]), str(result[1]) if len(result) > 1 else ""
 
     async def is_cancelled(self, deliberation_id: str) -> bool:
-        status = await self._guard(
+        status = await self.guard(
             self.redis.hget(self.keys.deliberation(deliberation_id), "status"))
         return status == contract.CANCELLED
 
     # --- plumbing ---
 
     async def _call(self, script: Any, keys: List[str], args: List[Any]) -> Any:
-        return await self._guard(script(keys=keys, args=args))
+        return await self.guard(script(keys=keys, args=args))
 
-    async def _run(self, pipe: Any) -> Any:
-        return await self._guard(pipe.execute())
+    async def run_pipeline(self, pipe: Any) -> Any:
+        return await self.guard(pipe.execute())
 
-    async def _guard(self, awaitable: Any) -> Any:
+    async def guard(self, awaitable: Any) -> Any:
         from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import TimeoutError as RedisTimeoutError
 

@@ -1,0 +1,79 @@
+"""Accepting a deliberation: the one code path behind both ingresses (gRPC and NATS).
+
+Validate, then record and enqueue atomically (``DeliberationStore.submit``), then hand the
+``submitted`` event to the outbox without making the caller wait for NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Optional, Set, Tuple
+
+from bridge import contract, validation
+from bridge.outbox import Outbox
+from bridge.settings import Settings
+from bridge.state import DeliberationStore, new_deliberation_id
+from ray_executor.v1 import ray_executor_pb2 as pb
+
+logger = logging.getLogger("ray_executor.ingress")
+
+
+class Ingress:
+    """Turns requests into deliberations.
+
+    Parameters:
+      store: deliberation state.
+      settings: limits and defaults for validation.
+      outbox: publishes the ``submitted`` event (may be None: the outbox loop of any process
+        will publish it after its lease).
+    """
+
+    def __init__(self, store: DeliberationStore, settings: Settings,
+                 outbox: Optional[Outbox] = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.outbox = outbox
+        self._background: Set[asyncio.Task] = set()
+
+    async def submit(self, request: pb.ExecuteDeliberationRequest,
+                     traceparent: str = "") -> Tuple[str, bool]:
+        """Returns ``(deliberation_id, created)``.
+
+        Raises ``validation.InvalidRequest`` (nothing written) or ``state.StateUnavailable``
+        (nothing written: the script is atomic).
+        """
+        plan = validation.plan(request, self.settings, new_deliberation_id())
+        record = dict(plan.record)
+        options = {}
+        if traceparent:
+            record["traceparent"] = traceparent
+            options["traceparent"] = traceparent
+        deliberation_id, created = await self.store.submit(
+            plan.idempotency_key, record, plan.jobs, options)
+        if created:
+            logger.info("deliberation %s submitted for task %s with %d agents",
+                        deliberation_id, plan.record["task_id"], len(plan.jobs),
+                        extra={"deliberation_id": deliberation_id,
+                               "task_id": plan.record["task_id"]})
+            self._publish_later(contract.event_id(deliberation_id, "submitted"))
+        return deliberation_id, created
+
+    async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
+        """``(cancelled_now, status)``; see ``DeliberationStore.cancel``."""
+        changed, status = await self.store.cancel(deliberation_id, reason)
+        if changed:
+            self._publish_later(contract.event_id(deliberation_id, contract.CANCELLED))
+        return changed, status
+
+    def _publish_later(self, event_id: str) -> None:
+        if self.outbox is None:
+            return
+        task = asyncio.ensure_future(self.outbox.publish([event_id]))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for background publishes (on shutdown)."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,143 @@
+"""Publishing lifecycle events to NATS JetStream from the Redis outbox.
+
+Every state change that must reach NATS writes an outbox entry in the same Lua script that
+makes the change (``bridge.state``), so an event can be late but never lost: when NATS is
+down, or the process dies between recording and publishing, the entry waits. The process that
+wrote an entry publishes it at once; any process's ``run`` loop takes over entries whose lease
+(``OUTBOX_LEASE_MS``) has passed. Payloads are rendered from the stored state and published
+with a deterministic ``Nats-Msg-Id``, so a second publish of the same event inside the
+stream's duplicate window is dropped by JetStream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any, Dict, Iterable, List, Optional
+
+from nats.js import JetStreamContext
+from nats.js.api import StreamConfig
+from nats.js.errors import NotFoundError
+
+from bridge import contract
+from bridge.contract import Subjects
+from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, StateUnavailable
+
+logger = logging.getLogger("ray_executor.outbox")
+
+DUPLICATE_WINDOW_SECONDS = 600.0  # longer than any outage an entry may wait out in a lease
+
+_CLAIM = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], ARGV[1] + ARGV[2], id) end
+return ids
+"""
+
+
+async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
+    """Create the project's streams when missing (ARCHITECTURE.md's table)."""
+    for name, stream_subjects in subjects.streams.items():
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            await js.add_stream(StreamConfig(
+                name=name, subjects=stream_subjects, duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            ))
+            logger.info("created stream %s for %s", name, stream_subjects)
+
+
+class Outbox:
+    """Publishes outbox entries.
+
+    Parameters:
+      store: the deliberation state (where entries and payloads come from).
+      js: a JetStream context, or None while NATS is not connected.
+      subjects: subject names from settings.
+    """
+
+    def __init__(self, store: DeliberationStore, js: Optional[JetStreamContext],
+                 subjects: Subjects) -> None:
+        self.store = store
+        self.js = js
+        self.subjects = subjects
+        self._claim = store.redis.register_script(_CLAIM)
+
+    async def publish(self, event_ids: Iterable[str]) -> int:
+        """Publish the given entries now; returns how many were sent."""
+        sent = 0
+        for event_id in event_ids:
+            if await self._publish_one(event_id):
+                sent += 1
+        return sent
+
+    async def flush_due(self, limit: int = 200) -> int:
+        """Claim entries whose lease passed and publish them."""
+        keys = self.store.keys
+        ids = await self.store.guard(self._claim(
+            keys=[keys.outbox_due], args=[contract.now_ms(), OUTBOX_LEASE_MS, limit]))
+        return await self.publish(ids)
+
+    async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
+        """Flush due entries until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                while await self.flush_due() > 0:
+                    pass
+            except StateUnavailable as exc:
+                logger.warning("outbox flush skipped: %s", exc)
+            except Exception:
+                logger.exception("outbox flush failed")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    async def _publish_one(self, event_id: str) -> bool:
+        if self.js is None:
+            return False
+        keys = self.store.keys
+        raw = await self.store.guard(self.store.redis.hget(keys.outbox, event_id))
+        if raw is None:
+            return False
+        entry = json.loads(raw)
+        rendered = await self._render(entry)
+        if rendered is None:  # the state expired: nothing left to say
+            await self._forget(event_id)
+            return False
+        subject, payload, headers = rendered
+        headers["Nats-Msg-Id"] = event_id
+        try:
+            ack = await self.js.publish(subject, json.dumps(payload).encode(), headers=headers,
+                                        timeout=5)
+        except Exception as exc:  # NATS down or slow: the entry stays for a later try
+            logger.warning("publish of %s to %s failed: %s", event_id, subject, exc)
+            return False
+        await self._forget(event_id)
+        logger.debug("published %s to %s (seq %s%s)", event_id, subject, ack.seq,
+                     ", duplicate" if ack.duplicate else "")
+        return True
+
+    async def _render(self, entry: Dict[str, Any]) -> Optional[tuple]:
+        found = await self.store.get(entry["deliberation_id"])
+        if found is None:
+            return None
+        record, agents = found
+        headers = {"traceparent": record["traceparent"]} if record.get("traceparent") else {}
+        if entry["kind"] == "agent":
+            agent: List[Dict] = [a for a in agents if a["agent_id"] == entry["agent_id"]]
+            if not agent:
+                return None
+            return self.subjects.agent(entry["event"]), contract.agent_event(record, agent[0]), \
+                headers
+        if entry["event"] == "submitted":
+            payload = contract.deliberation_submitted(record, agents)
+        else:
+            payload = contract.deliberation_event(record, agents)
+        return self.subjects.deliberation(entry["event"]), payload, headers
+
+    async def _forget(self, event_id: str) -> None:
+        keys = self.store.keys
+        async with self.store.redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.outbox, event_id)
+            pipe.zrem(keys.outbox_due, event_id)
+            await self.store.run_pipeline(pipe)

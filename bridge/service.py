@@ -1,0 +1,96 @@
+"""The bridge process: gRPC ingress, NATS ingress and the outbox publisher on one event loop.
+
+``run`` connects Redis and NATS, serves until ``stop`` is set, then shuts down gracefully:
+health goes NOT_SERVING, new calls are refused, in-flight calls get
+``RAY_EXECUTOR_GRPC_SHUTDOWN_GRACE`` seconds, pending publishes finish, connections close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Awaitable, Callable, List, Optional
+
+import nats
+from nats.aio.client import Client as NATS
+from redis.asyncio import Redis
+
+from bridge.contract import Subjects
+from bridge.grpc_server import build_server, mark_serving
+from bridge.ingress import Ingress
+from bridge.outbox import Outbox, ensure_streams
+from bridge.settings import Settings
+from bridge.state import DeliberationStore
+
+logger = logging.getLogger("ray_executor.bridge")
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    """A NATS connection that keeps reconnecting for as long as the process lives."""
+    return await nats.connect(
+        servers=[s.strip() for s in settings.nats_url.split(",") if s.strip()],
+        name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
+    )
+
+
+async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: asyncio.Event,
+                      on_connected: Optional[Callable[[NATS], Awaitable[None]]] = None
+                      ) -> Optional[NATS]:
+    """Connect to NATS, retrying until connected or stopped; then give the outbox its stream
+    context. The bridge serves gRPC meanwhile: events wait in the outbox."""
+    if not settings.nats_url:
+        logger.warning("NATS_URL is empty: events stay in the Redis outbox")
+        return None
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            nc = await connect_nats(settings, name)
+            js = nc.jetstream()
+            if settings.nats_create_streams:
+                await ensure_streams(js, outbox.subjects)
+            outbox.js = js
+            logger.info("connected to NATS at %s", nc.connected_url.netloc
+                        if nc.connected_url else settings.nats_url)
+            if on_connected is not None:
+                await on_connected(nc)
+            return nc
+        except Exception as exc:
+            logger.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, 10.0)
+    return None
+
+
+async def run(settings: Settings, stop: asyncio.Event,
+              on_ready: Optional[Callable[[int], None]] = None) -> None:
+    """Serve until ``stop`` is set. ``on_ready`` gets the bound gRPC port."""
+    if not settings.redis_url:
+        raise SystemExit("REDIS_URL is required for the bridge (or use `ray-executor up`)")
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    store = DeliberationStore(redis, settings)
+    outbox = Outbox(store, None, Subjects(settings))
+    ingress = Ingress(store, settings, outbox)
+    server, health, port = build_server(ingress, settings)
+    await server.start()
+    await mark_serving(health, True)
+    logger.info("gRPC listening on %s:%d", settings.grpc_host, port)
+    if on_ready is not None:
+        on_ready(port)
+
+    tasks: List[asyncio.Task] = [asyncio.ensure_future(outbox.run(stop))]
+    nats_task = asyncio.ensure_future(attach_nats(settings, outbox, "ray-executor-bridge", stop))
+    try:
+        await stop.wait()
+    finally:
+        logger.info("bridge stopping: draining in-flight calls")
+        await mark_serving(health, False)
+        await server.stop(settings.grpc_shutdown_grace)
+        await ingress.drain()
+        nc = await nats_task
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if nc is not None:
+            await nc.drain()
+        await redis.close()
+        logger.info("bridge stopped")

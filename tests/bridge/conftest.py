@@ -1,0 +1,94 @@
+"""Bridge processes for the tests: the real ``ray-executor bridge`` command, each with its own
+key prefix and queue so tests sharing one Redis do not see each other's work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List
+
+import grpc
+import pytest
+
+from bridge import servers
+from ray_executor.v1 import ray_executor_pb2 as pb
+from ray_executor.v1 import ray_executor_pb2_grpc as rpc
+
+CLI = str(Path(sys.executable).parent / "ray-executor")
+
+
+class BridgeProcess:
+    def __init__(self, env: Dict[str, str], log: Path) -> None:
+        self.env = env
+        self.port = int(env["RAY_EXECUTOR_GRPC_PORT"])
+        self.address = f"127.0.0.1:{self.port}"
+        self.queue = env["RAY_EXECUTOR_QUEUE"]
+        self.prefix = env["RAY_EXECUTOR_KEY_PREFIX"]
+        self.log = log
+        self.process = subprocess.Popen([CLI, "bridge"], env=env, stdout=log.open("ab"),
+                                        stderr=subprocess.STDOUT)
+        servers.wait_for_port(self.port, 30, self.process)
+
+    def stub(self) -> rpc.RayExecutorServiceStub:
+        return rpc.RayExecutorServiceStub(grpc.insecure_channel(self.address))
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(30)
+
+
+@pytest.fixture
+def start_bridge(redis_url: str, nats_url: str, tmp_path: Path
+                 ) -> Iterator[Callable[..., BridgeProcess]]:
+    started: List[BridgeProcess] = []
+
+    def start(**overrides: str) -> BridgeProcess:
+        tag = uuid.uuid4().hex[:8]
+        env = dict(os.environ, REDIS_URL=redis_url, NATS_URL=nats_url,
+                   RAY_EXECUTOR_GRPC_HOST="127.0.0.1",
+                   RAY_EXECUTOR_GRPC_PORT=str(servers.free_port()),
+                   RAY_EXECUTOR_QUEUE=f"q{tag}", RAY_EXECUTOR_KEY_PREFIX=f"t{tag}",
+                   RAY_EXECUTOR_LOG_FORMAT="text")
+        env.update(overrides)
+        bridge = BridgeProcess(env, tmp_path / f"bridge-{tag}.log")
+        started.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in started:
+        if bridge.process.poll() is None:
+            bridge.stop()
+
+
+@pytest.fixture
+def bridge(start_bridge: Callable[..., BridgeProcess]) -> BridgeProcess:
+    return start_bridge()
+
+
+def request(task_id: str = "", agents: object = 3, **fields: object
+            ) -> pb.ExecuteDeliberationRequest:
+    """A valid request with ``agents`` agents (a count or a list); keywords override fields."""
+    base = pb.ExecuteDeliberationRequest(
+        task_id=task_id or f"task-{uuid.uuid4().hex[:8]}",
+        task_description="Design a rate limiter for the GPU queue",
+        role="DEV",
+        constraints=pb.TaskConstraints(story_id="S-1", plan_id="P-1", timeout_seconds=60,
+                                       max_retries=2, metadata={"rubric": "clear, short"}),
+        agents=agents if isinstance(agents, list) else [
+            pb.Agent(id=f"agent-{i}", role=("DEV", "QA", "ARCHITECT")[i % 3])
+            for i in range(int(agents))  # type: ignore[call-overload]
+        ],
+        vllm_url="http://127.0.0.1:9/", vllm_model="test-model",
+    )
+    for name, value in fields.items():
+        if isinstance(value, list):
+            del getattr(base, name)[:]
+            getattr(base, name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(base, name).CopyFrom(value)
+        else:
+            setattr(base, name, value)
+    return base

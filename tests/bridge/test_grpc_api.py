@@ -1,0 +1,204 @@
+"""The gRPC contract against a real bridge process, real Redis and a real Dramatiq consumer."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any, Dict, List
+
+import dramatiq
+import grpc
+import pytest
+import redis
+from dramatiq.brokers.redis import RedisBroker
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from ray_executor.v1 import ray_executor_pb2 as pb
+from tests.bridge.conftest import BridgeProcess, request
+
+
+def queued(redis_url: str, bridge: BridgeProcess) -> List[Dict[str, Any]]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    ids = client.lrange(f"dramatiq:{bridge.queue}", 0, -1)
+    return [json.loads(client.hget(f"dramatiq:{bridge.queue}.msgs", i)) for i in ids]
+
+
+def test_execute_records_and_enqueues_one_message_per_agent(bridge: BridgeProcess,
+                                                            redis_url: str) -> None:
+    stub = bridge.stub()
+    req = request(agents=3)
+    reply = stub.ExecuteDeliberation(req)
+    assert reply.status == "submitted" and reply.deliberation_id.startswith("delib-")
+    messages = queued(redis_url, bridge)
+    assert [m["kwargs"]["agent_id"] for m in messages] == ["agent-0", "agent-1", "agent-2"]
+    first = messages[0]
+    assert first["actor_name"] == "vllm_agent" and first["queue_name"] == bridge.queue
+    assert first["kwargs"]["vllm_url"] == "http://127.0.0.1:9/"  # the request's override
+    assert first["kwargs"]["model"] == "test-model"
+    assert first["kwargs"]["timeout_seconds"] == 60 and first["options"]["max_retries"] == 2
+    assert first["kwargs"]["deliberation_id"] == reply.deliberation_id
+
+    status = stub.GetDeliberationStatus(
+        pb.GetDeliberationStatusRequest(deliberation_id=reply.deliberation_id))
+    assert status.status == "queued" and status.total_agents == 3
+    assert [a.status for a in status.agents] == ["queued"] * 3
+    assert status.task_id == req.task_id
+
+    jobs = stub.GetActiveJobs(pb.GetActiveJobsRequest()).jobs
+    mine = [j for j in jobs if j.submission_id == reply.deliberation_id]
+    assert {j.agent_id for j in mine} == {"agent-0", "agent-1", "agent-2"}
+    assert all(j.status == "queued" and j.task_id == req.task_id for j in mine)
+
+
+def test_a_real_dramatiq_worker_consumes_the_messages(bridge: BridgeProcess,
+                                                      redis_url: str) -> None:
+    """The message contract is Dramatiq's own: a stock worker decodes and runs it."""
+    broker = RedisBroker(url=redis_url)
+    seen: List[Dict[str, Any]] = []
+    done = threading.Event()
+
+    @dramatiq.actor(actor_name="vllm_agent", queue_name=bridge.queue, broker=broker)
+    def vllm_agent(**job: Any) -> None:
+        seen.append(job)
+        if len(seen) == 2:
+            done.set()
+
+    reply = bridge.stub().ExecuteDeliberation(request(agents=2))
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        assert done.wait(20)
+    finally:
+        worker.stop()
+        broker.close()
+    assert {j["deliberation_id"] for j in seen} == {reply.deliberation_id}
+    assert sorted(j["agent_id"] for j in seen) == ["agent-0", "agent-1"]
+
+
+def test_same_task_or_idempotency_key_is_submitted_once(bridge: BridgeProcess,
+                                                        redis_url: str) -> None:
+    stub = bridge.stub()
+    req = request(agents=2)
+    first = stub.ExecuteDeliberation(req)
+    again = stub.ExecuteDeliberation(req)
+    assert again.deliberation_id == first.deliberation_id and again.status == "submitted"
+    assert "already submitted" in again.message
+    assert len(queued(redis_url, bridge)) == 2
+
+    keyed = pb.TaskConstraints(metadata={"idempotency_key": "retry-7"})
+    one = stub.ExecuteDeliberation(request(agents=1, constraints=keyed))
+    two = stub.ExecuteDeliberation(request(agents=1, constraints=keyed))  # other task_id
+    assert one.deliberation_id == two.deliberation_id
+    assert len(queued(redis_url, bridge)) == 3
+
+
+BAD_REQUESTS = {
+    "task_id": request(task_id=" "),
+    "task_description": request(task_description=""),
+    "agents": request(agents=0),
+    "agents[1].id": request(agents=[pb.Agent(id="a", role="DEV"), pb.Agent(id="a", role="QA")]),
+    "agents[0].id": request(agents=[pb.Agent(id="has space", role="DEV")]),
+    "agents[0].role": request(role="", agents=[pb.Agent(id="a")]),
+    "constraints.timeout_seconds": request(constraints=pb.TaskConstraints(timeout_seconds=-1)),
+    "constraints.max_retries": request(constraints=pb.TaskConstraints(max_retries=-3)),
+    "vllm_url": request(vllm_url="ftp://nowhere"),
+    "request": request(task_description="x" * 60_000, agents=[
+        pb.Agent(id=f"a{i}", role="DEV", prompt_template="y" * 65_000) for i in range(16)]),
+}
+
+
+@pytest.mark.parametrize("field", sorted(BAD_REQUESTS))
+def test_bad_input_is_refused_with_the_field_named(field: str, bridge: BridgeProcess,
+                                                   redis_url: str) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        bridge.stub().ExecuteDeliberation(BAD_REQUESTS[field])
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details().startswith(f"{field}:"), caught.value.details()
+    client = redis.Redis.from_url(redis_url)
+    assert client.keys(f"{bridge.prefix}:*") == [] and queued(redis_url, bridge) == []
+
+
+def test_oversized_fields_and_unknown_roles(start_bridge: Any, redis_url: str) -> None:
+    bridge = start_bridge(RAY_EXECUTOR_ALLOWED_ROLES="DEV,QA", RAY_EXECUTOR_MAX_FIELD_BYTES="100")
+    stub = bridge.stub()
+    for bad, field in [
+        (request(agents=[pb.Agent(id="a", role="WIZARD")]), "agents[0].role"),
+        (request(task_description="é" * 51), "task_description"),
+        (request(role="DEV", agents=[pb.Agent(id="a", prompt_template="p" * 101)]),
+         "agents[0].prompt_template"),
+    ]:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ExecuteDeliberation(bad)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(field), caught.value.details()
+    assert queued(redis_url, bridge) == []
+    ok = stub.ExecuteDeliberation(request(agents=[pb.Agent(id="a", role="qa")]))
+    assert ok.status == "submitted"
+
+
+def test_status_stats_and_not_found(bridge: BridgeProcess) -> None:
+    stub = bridge.stub()
+    stub.ExecuteDeliberation(request(agents=2))
+    status = stub.GetStatus(pb.GetStatusRequest(include_stats=True))
+    assert status.status == "healthy" and status.uptime_seconds >= 0
+    assert status.stats.total_deliberations == 1 and status.stats.active_deliberations == 1
+    assert status.stats.queued_messages == 2
+    missing = stub.GetDeliberationStatus(pb.GetDeliberationStatusRequest(deliberation_id="nope"))
+    assert missing.status == "not_found" and "not found" in missing.error_message
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetDeliberationStatus(pb.GetDeliberationStatusRequest())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "deliberation_id" in caught.value.details()
+
+
+def test_cancel_and_watch(bridge: BridgeProcess) -> None:
+    stub = bridge.stub()
+    reply = stub.ExecuteDeliberation(request(agents=2))
+    events: List[pb.DeliberationEvent] = []
+
+    def watch() -> None:
+        events.extend(stub.WatchDeliberation(
+            pb.WatchDeliberationRequest(deliberation_id=reply.deliberation_id), timeout=30))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    time.sleep(0.5)
+    cancelled = stub.CancelDeliberation(pb.CancelDeliberationRequest(
+        deliberation_id=reply.deliberation_id, reason="changed plans"))
+    assert cancelled.status == "cancelled"
+    watcher.join(30)
+    assert not watcher.is_alive(), "the watch stream ends with the deliberation"
+    assert [e.event for e in events] == ["submitted", "cancelled"]
+    assert json.loads(events[-1].data_json)["reason"] == "changed plans"
+    again = stub.CancelDeliberation(pb.CancelDeliberationRequest(
+        deliberation_id=reply.deliberation_id))
+    assert again.status == "cancelled" and again.message == "already cancelled"
+    status = stub.GetDeliberationStatus(
+        pb.GetDeliberationStatusRequest(deliberation_id=reply.deliberation_id))
+    assert status.status == "cancelled" and "changed plans" in status.error_message
+    for call, req in [(stub.CancelDeliberation, pb.CancelDeliberationRequest),
+                      (stub.WatchDeliberation, pb.WatchDeliberationRequest)]:
+        with pytest.raises(grpc.RpcError) as caught:
+            result = call(req(deliberation_id="delib-missing"))
+            list(result) if not isinstance(result, pb.CancelDeliberationResponse) else None
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_and_reflection(bridge: BridgeProcess) -> None:
+    channel = grpc.insecure_channel(bridge.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "ray_executor.v1.RayExecutorService"):
+        answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+        list_services="")]))
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"ray_executor.v1.RayExecutorService", "grpc.health.v1.Health"} <= names
+
+
+def test_graceful_stop(bridge: BridgeProcess) -> None:
+    bridge.stub().ExecuteDeliberation(request(agents=1))
+    assert bridge.stop() == 0
