@@ -46,10 +46,10 @@ envs: .venv-bridge/.installed .venv-worker/.installed .venv-mismatch/.installed
 up: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
 
-lint: .venv-bridge/.installed
+lint: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ruff check .
 	$(BRIDGE)/lint-imports
-	$(BRIDGE)/mypy
+	$(WORKER)/mypy
 
 # pytest exits 5 when it collects nothing; make treats any non-zero exit as failure.
 test-bridge: envs

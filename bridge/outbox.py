@@ -15,14 +15,17 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional
 
+import nats
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
 from bridge import contract
 from bridge.contract import Subjects
+from bridge.settings import Settings
 from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, StateUnavailable
 
 logger = logging.getLogger("ray_executor.outbox")
@@ -141,3 +144,41 @@ class Outbox:
             pipe.hdel(keys.outbox, event_id)
             pipe.zrem(keys.outbox_due, event_id)
             await self.store.run_pipeline(pipe)
+
+
+async def connect_nats(settings: Settings, name: str) -> NATS:
+    """A NATS connection that keeps reconnecting for as long as the process lives."""
+    return await nats.connect(
+        servers=[s.strip() for s in settings.nats_url.split(",") if s.strip()],
+        name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
+    )
+
+
+async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: asyncio.Event,
+                      on_connected: Optional[Callable[[NATS], Awaitable[None]]] = None
+                      ) -> Optional[NATS]:
+    """Connect to NATS, retrying until connected or stopped; then give the outbox its stream
+    context. The bridge serves gRPC meanwhile: events wait in the outbox."""
+    if not settings.nats_url:
+        logger.warning("NATS_URL is empty: events stay in the Redis outbox")
+        return None
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            nc = await connect_nats(settings, name)
+            js = nc.jetstream()
+            if settings.nats_create_streams:
+                await ensure_streams(js, outbox.subjects)
+            outbox.js = js
+            logger.info("connected to NATS at %s", nc.connected_url.netloc
+                        if nc.connected_url else settings.nats_url)
+            if on_connected is not None:
+                await on_connected(nc)
+            return nc
+        except Exception as exc:
+            logger.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                delay = min(delay * 2, 10.0)
+    return None

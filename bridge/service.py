@@ -9,58 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Awaitable, Callable, List, Optional
+from typing import Callable, List, Optional
 
-import nats
-from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
 
 from bridge.contract import Subjects
 from bridge.grpc_server import build_server, mark_serving
 from bridge.ingress import Ingress
-from bridge.outbox import Outbox, ensure_streams
+from bridge.outbox import Outbox, attach_nats
 from bridge.settings import Settings
 from bridge.state import DeliberationStore
 
 logger = logging.getLogger("ray_executor.bridge")
-
-
-async def connect_nats(settings: Settings, name: str) -> NATS:
-    """A NATS connection that keeps reconnecting for as long as the process lives."""
-    return await nats.connect(
-        servers=[s.strip() for s in settings.nats_url.split(",") if s.strip()],
-        name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
-    )
-
-
-async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: asyncio.Event,
-                      on_connected: Optional[Callable[[NATS], Awaitable[None]]] = None
-                      ) -> Optional[NATS]:
-    """Connect to NATS, retrying until connected or stopped; then give the outbox its stream
-    context. The bridge serves gRPC meanwhile: events wait in the outbox."""
-    if not settings.nats_url:
-        logger.warning("NATS_URL is empty: events stay in the Redis outbox")
-        return None
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            nc = await connect_nats(settings, name)
-            js = nc.jetstream()
-            if settings.nats_create_streams:
-                await ensure_streams(js, outbox.subjects)
-            outbox.js = js
-            logger.info("connected to NATS at %s", nc.connected_url.netloc
-                        if nc.connected_url else settings.nats_url)
-            if on_connected is not None:
-                await on_connected(nc)
-            return nc
-        except Exception as exc:
-            logger.warning("NATS not reachable (%s); retrying in %.1fs", exc, delay)
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                delay = min(delay * 2, 10.0)
-    return None
 
 
 async def run(settings: Settings, stop: asyncio.Event,

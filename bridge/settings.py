@@ -135,6 +135,17 @@ class Settings:
         "Seconds a stopping worker waits for running jobs before requeueing them.",
         minimum=0,
     )
+    worker_heartbeat_timeout: int = _setting(
+        PREFIX + "WORKER_HEARTBEAT_TIMEOUT",
+        20,
+        "Seconds without a heartbeat before a worker's unacked messages are requeued.",
+        minimum=10,
+    )
+    job_modules: Tuple[str, ...] = _setting(
+        PREFIX + "JOB_MODULES",
+        (),
+        "Extra modules declaring job kinds, loaded by workers beside the built-in ones.",
+    )
     ray_namespace: str = _setting(
         PREFIX + "RAY_NAMESPACE", "ray-executor", "Ray namespace of the job runners."
     )
@@ -168,6 +179,29 @@ class Settings:
     )
     nats_consumer: str = _setting(
         PREFIX + "NATS_CONSUMER", "ray-executor-deliberate", "Durable consumer name of the ingress."
+    )
+
+    # --- dashboard and metrics ---
+    dashboard_host: str = _setting(
+        PREFIX + "DASHBOARD_HOST", "127.0.0.1", "dramatiq-dashboard listen address."
+    )
+    dashboard_port: int = _setting(
+        PREFIX + "DASHBOARD_PORT", 8181, "dramatiq-dashboard listen port.", minimum=0
+    )
+    dashboard_user: str = _setting(
+        PREFIX + "DASHBOARD_USER", "", "Basic-auth user of the dashboard."
+    )
+    dashboard_password: str = _setting(
+        PREFIX + "DASHBOARD_PASSWORD", "", "Basic-auth password of the dashboard."
+    )
+    dashboard_token: str = _setting(
+        PREFIX + "DASHBOARD_TOKEN", "", "Bearer token accepted by the dashboard."
+    )
+    metrics_port: int = _setting(
+        PREFIX + "METRICS_PORT",
+        9464,
+        "Port of /metrics (Prometheus) and /healthz of this process (bridge or worker).",
+        minimum=0,
     )
 
     # --- logs ---
@@ -221,6 +255,14 @@ def documented() -> list[tuple[str, str, str]]:
     ]
 
 
+def markdown_table() -> str:
+    """The README's settings table (``python -m bridge.settings``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for env, default, doc in documented():
+        rows.append(f"| `{env}` | {f'`{default}`' if default else '(empty)'} | {doc} |")
+    return "\n".join(rows)
+
+
 def _format(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -254,3 +296,7 @@ def _parse(name: str, raw: str, default: Any, meta: Mapping[str, Any]) -> Any:
     if minimum is not None and value < minimum:
         raise SettingsError(f"{name}: must be at least {minimum}, got {raw!r}")
     return value
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -1,0 +1,57 @@
+"""``python -m actors``: check the Ray cluster's versions, then run Dramatiq's worker.
+
+A worker whose Python or Ray differs from the cluster's refuses to start (exit code 3) with
+a message naming both versions; an unreachable cluster only warns, since each process keeps
+reconnecting and jobs wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from actors.connection import RayConnection, RayUnavailable, RayVersionMismatch
+from bridge import logs
+from bridge.settings import Settings
+
+logger = logging.getLogger("ray_executor.worker")
+
+
+def dramatiq_argv(settings: Settings) -> List[str]:
+    return [
+        sys.executable, "-m", "dramatiq", "actors.worker",
+        "--processes", str(settings.worker_processes),
+        "--threads", str(settings.worker_threads),
+        "--queues", settings.queue,
+        "--worker-shutdown-timeout", str(settings.worker_shutdown_timeout * 1000),
+    ]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    settings = Settings.from_env()
+    logs.configure(settings.log_level, settings.log_format)
+    if not settings.ray_address or not settings.redis_url:
+        print("ray-executor worker: RAY_ADDRESS and REDIS_URL are required", file=sys.stderr)
+        return 2
+    connection = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
+    try:
+        connection.connect()
+    except RayVersionMismatch as exc:
+        print(f"ray-executor worker: {exc}", file=sys.stderr)
+        return 3
+    except RayUnavailable as exc:
+        logger.warning("Ray not reachable yet (%s); starting anyway", exc)
+    finally:
+        connection.disconnect()
+    env = dict(os.environ)
+    if settings.worker_prefetch:
+        env["dramatiq_queue_prefetch"] = str(settings.worker_prefetch)
+    args = dramatiq_argv(settings)
+    os.execve(args[0], args, env)
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""The job kinds of ray-executor. ``vllm_agent`` is the first; a new kind is a decorated
+async function (see ``actors.jobs.job_kind``)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from actors.jobs import job_kind
+from bridge.contract import VLLM_AGENT, AgentJob
+
+_session: Optional[Any] = None  # one aiohttp session per runner: connections are reused
+
+
+async def _http() -> Any:
+    global _session
+    import aiohttp
+
+    if _session is None or _session.closed:
+        _session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    return _session
+
+
+@job_kind(VLLM_AGENT)
+async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
+    """Runs on the Ray cluster: one agent's chat completion against vLLM."""
+    import ray
+
+    from actors.vllm_agent import call_vllm, resolve_url
+
+    base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
+    return await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds)

@@ -1,0 +1,177 @@
+"""Job kinds: a Dramatiq actor whose body runs on the Ray cluster.
+
+    @job_kind("vllm_agent", num_gpus=0)
+    async def vllm_agent(job: AgentJob) -> dict:
+        ...  # runs on the Ray cluster; returns the agent's result
+
+``job_kind`` registers an actor named after the kind on the agent-job queue. For each message
+the actor: asks the state whether to run (not when the deliberation was cancelled or the agent
+already finished), submits the job to this process's runner for the kind — one long-lived
+async Ray actor per kind and worker process, declared with the kind's Ray resources, so no
+Ray actor is created per job and HTTP connections are reused — waits for it within the job's
+time limit (cancelling the Ray task when it passes or when the deliberation is cancelled),
+records the outcome and publishes it to NATS through the outbox.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Awaitable, Callable, Dict, Optional
+
+import dramatiq
+from dramatiq.middleware import CurrentMessage
+
+from actors.runner import RayRunners
+from actors.runtime import WorkerRuntime
+from bridge import contract
+from bridge.contract import AgentJob
+
+logger = logging.getLogger("ray_executor.jobs")
+
+JobFunction = Callable[[AgentJob], Awaitable[Dict[str, Any]]]
+# The job's own timeout cancels its Ray task; Dramatiq's TimeLimit is only a backstop past
+# the longest allowed timeout (24 h), since it cannot stop a thread blocked in a Ray call.
+TIME_LIMIT_BACKSTOP_MS = 25 * 3600 * 1000
+
+
+class PermanentJobError(Exception):
+    """A job failed in a way retrying cannot fix; Dramatiq dead-letters it at once."""
+
+
+class RetryableJobError(Exception):
+    """A job failed in a way a later attempt may not; Dramatiq retries it with backoff."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKind:
+    """A kind of job and the Ray resources its runner declares."""
+
+    name: str
+    function: JobFunction
+    ray_options: Dict[str, Any]
+
+
+KINDS: Dict[str, JobKind] = {}
+
+
+def job_kind(name: str, *, num_cpus: float = 0, num_gpus: float = 0,
+             accelerator_type: Optional[str] = None, resources: Optional[Dict[str, float]] = None,
+             runtime_env: Optional[Dict[str, Any]] = None, max_concurrency: int = 1000,
+             ) -> Callable[[JobFunction], JobFunction]:
+    """Declare a job kind whose async function runs on the Ray cluster.
+
+    Parameters:
+      name: the actor name messages carry (``AgentJob.kind``).
+      num_cpus, num_gpus, accelerator_type, resources, runtime_env: Ray resources of the
+        kind's runner actor.
+      max_concurrency: jobs one runner holds in flight at once.
+    """
+    options: Dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus,
+                               "max_concurrency": max_concurrency}
+    if accelerator_type:
+        options["accelerator_type"] = accelerator_type
+    if resources:
+        options["resources"] = dict(resources)
+    if runtime_env:
+        options["runtime_env"] = dict(runtime_env)
+
+    def register(function: JobFunction) -> JobFunction:
+        KINDS[name] = JobKind(name, function, options)
+        return function
+
+    return register
+
+
+def declare_actors(broker: dramatiq.Broker) -> None:
+    """Declare a Dramatiq actor for every registered kind on ``broker`` (the worker's).
+
+    Kept apart from ``job_kind`` so importing a kind's module (as Ray does on the cluster to
+    unpickle its function) declares nothing.
+    """
+    runtime = _runtime(broker)
+    for kind in KINDS.values():
+        if kind.name in broker.actors:
+            continue
+
+        def run_job(_kind: JobKind = kind, **kwargs: Any) -> None:
+            execute(runtime, _kind, AgentJob.from_kwargs(kwargs))
+
+        run_job.__name__ = kind.name
+        dramatiq.actor(run_job, actor_name=kind.name, queue_name=runtime.settings.queue,
+                       broker=broker, throws=(PermanentJobError,),
+                       time_limit=TIME_LIMIT_BACKSTOP_MS)
+
+
+def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
+    """One attempt of one job (the body of every job kind's actor)."""
+    message = CurrentMessage.get_current_message()
+    attempt = int(message.options.get("retries", 0)) + 1 if message else 1
+    log = {"deliberation_id": job.deliberation_id, "agent_id": job.agent_id,
+           "task_id": job.task_id, "message_id": message.message_id if message else ""}
+    store = runtime.store
+    assert store is not None
+    verdict = runtime.run(store.start(job, attempt))
+    if verdict != "run":
+        logger.info("skipping job: %s", verdict, extra=log)
+        if verdict == "done":  # a redelivery: make sure its event went out
+            _publish(runtime, job, "")
+        return
+    started = time.monotonic()
+    try:
+        result = RayRunners.of(runtime).run(kind, job, is_cancelled=lambda: runtime.run(
+            store.is_cancelled(job.deliberation_id)))
+    except Exception as exc:
+        _failed(runtime, job, exc, attempt, started, log)
+        return
+    outcome = {"status": contract.COMPLETED, "attempts": attempt, "result": result,
+               "duration_ms": int((time.monotonic() - started) * 1000)}
+    _record(runtime, job, outcome, log)
+
+
+def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int,
+            started: float, log: Dict[str, Any]) -> None:
+    error_type = getattr(exc, "error_type", type(exc).__name__)
+    if error_type == "cancelled":
+        logger.info("job cancelled with its deliberation", extra=log)
+        return
+    retryable = bool(getattr(exc, "retryable", False))
+    if retryable and attempt <= job.max_retries:
+        logger.warning("attempt %d failed (%s: %s); retrying", attempt, error_type, exc,
+                       extra=log)
+        raise RetryableJobError(f"{error_type}: {exc}") from exc
+    outcome = {"status": contract.FAILED, "attempts": attempt, "error": str(exc)[:2000],
+               "error_type": error_type, "retryable": retryable,
+               "duration_ms": int((time.monotonic() - started) * 1000)}
+    _record(runtime, job, outcome, log)
+    raise PermanentJobError(f"{error_type}: {exc}") from exc
+
+
+def _record(runtime: WorkerRuntime, job: AgentJob, outcome: Dict[str, Any],
+            log: Dict[str, Any]) -> None:
+    store = runtime.store
+    assert store is not None
+    what, final = runtime.run(store.finish(job, outcome))
+    logger.info("agent %s (%s)%s", outcome["status"], what,
+                f"; deliberation {final}" if final else "", extra=log)
+    _publish(runtime, job, final)
+
+
+def _publish(runtime: WorkerRuntime, job: AgentJob, final: str) -> None:
+    outbox = runtime.outbox
+    assert outbox is not None
+    ids = [contract.event_id(job.deliberation_id, status, job.agent_id)
+           for status in (contract.COMPLETED, contract.FAILED)]
+    if final:
+        ids.append(contract.event_id(job.deliberation_id, final))
+    runtime.run(outbox.publish(ids))
+
+
+def _runtime(broker: dramatiq.Broker) -> WorkerRuntime:
+    for middleware in broker.middleware:
+        if isinstance(middleware, WorkerRuntime):
+            return middleware
+    raise RuntimeError("job kinds need a broker with the WorkerRuntime middleware "
+                       "(actors.broker.make_broker)")
+

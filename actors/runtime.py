@@ -1,0 +1,129 @@
+"""What each worker process holds: an event loop thread, the state store, the NATS outbox,
+the Ray client connection, and a broker heartbeat.
+
+``WorkerRuntime`` is a Dramatiq middleware: it opens everything in ``after_process_boot``
+(after the fork, never at import) and closes it in ``before_process_stop``. Actor threads run
+async state and NATS code on the process's one loop (``run``), since nats-py and
+``redis.asyncio`` objects are bound to the loop that created them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from typing import Any, Coroutine, List, Optional, TypeVar
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name
+from redis.asyncio import Redis
+
+from actors.connection import RayConnection
+from bridge.contract import Subjects
+from bridge.outbox import Outbox, attach_nats
+from bridge.settings import Settings
+from bridge.state import DeliberationStore
+
+logger = logging.getLogger("ray_executor.runtime")
+T = TypeVar("T")
+
+
+class WorkerRuntime(dramatiq.Middleware):
+    """Per-process resources of a worker.
+
+    Parameters:
+      settings: connection URLs and the queue.
+      heartbeat_interval: seconds between broker heartbeats (see ``_heartbeat``).
+    """
+
+    def __init__(self, settings: Settings, heartbeat_interval: float = 5.0) -> None:
+        self.settings = settings
+        self.heartbeat_interval = heartbeat_interval
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.store: Optional[DeliberationStore] = None
+        self.outbox: Optional[Outbox] = None
+        self.ray = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
+        self._stop = threading.Event()
+        self._async_stop: Optional[asyncio.Event] = None
+        self._threads: List[threading.Thread] = []
+
+    # --- lifecycle hooks ---
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        ready = threading.Event()
+        loop_thread = threading.Thread(target=self._loop_main, args=(ready,),
+                                       name="rx-loop", daemon=True)
+        loop_thread.start()
+        ready.wait()
+        if isinstance(broker, RedisBroker):
+            beat = threading.Thread(target=self._heartbeat, args=(broker,), name="rx-heartbeat",
+                                    daemon=True)
+            beat.start()
+            self._threads.append(beat)
+        self._threads.append(loop_thread)
+        try:
+            self.ray.ensure(attempts=3)
+        except ConnectionError as exc:  # jobs will retry the connection and back off
+            logger.warning("Ray not reachable at boot: %s", exc)
+
+    def before_process_stop(self, broker: dramatiq.Broker) -> None:
+        self._stop.set()
+        if self.loop is not None and self._async_stop is not None:
+            self.loop.call_soon_threadsafe(self._async_stop.set)
+        for thread in self._threads:
+            thread.join(10)
+        self.ray.disconnect()
+
+    # --- used by actor threads ---
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: Optional[float] = 60) -> T:
+        """Run ``coroutine`` on the process's loop and wait for its result."""
+        assert self.loop is not None, "the worker runtime has not booted"
+        future: Future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        return future.result(timeout)
+
+    # --- threads ---
+
+    def _loop_main(self, ready: threading.Event) -> None:
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(self._serve(ready))
+        self.loop.close()
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._async_stop = asyncio.Event()
+        redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self.store = DeliberationStore(redis, self.settings)
+        self.outbox = Outbox(self.store, None, Subjects(self.settings))
+        ready.set()
+        flusher = asyncio.ensure_future(self.outbox.run(self._async_stop))
+        nc = await attach_nats(self.settings, self.outbox, "ray-executor-worker",
+                               self._async_stop)
+        await self._async_stop.wait()
+        await flusher
+        if nc is not None:
+            await nc.drain()
+        await redis.close()
+
+    def _heartbeat(self, broker: RedisBroker) -> None:
+        """Keep this process's broker heartbeat fresh and requeue dead workers' messages.
+
+        Dramatiq refreshes a worker's heartbeat only when it fetches or acks, so a process
+        whose prefetch is full of long jobs looks dead after ``heartbeat_timeout``; and it
+        requeues a dead worker's messages only on 0.1% of its calls. Calling the dispatch
+        script with an unknown command and maintenance on does both, every few seconds.
+        """
+        dispatch = broker.scripts["dispatch"]
+        queues = [self.settings.queue, dq_name(self.settings.queue)]
+        while not self._stop.wait(self.heartbeat_interval):
+            for queue in queues:
+                try:
+                    dispatch(keys=[broker.namespace], args=[
+                        "heartbeat", int(time.time() * 1000), queue, broker.broker_id,
+                        broker.heartbeat_timeout, broker.dead_message_ttl, "1", 1000])
+                except Exception as exc:  # Redis down: the next beat tries again
+                    logger.warning("broker heartbeat failed: %s", exc)
+                    break

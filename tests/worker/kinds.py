@@ -1,0 +1,20 @@
+"""A test-only job kind: adding a kind takes a decorated async function."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, Dict
+
+from actors.jobs import job_kind
+from bridge.contract import AgentJob
+
+
+@job_kind("echo_test", num_cpus=0)
+async def echo_test(job: AgentJob) -> Dict[str, Any]:
+    """Echo the task back after ``metadata['sleep']`` seconds, from the Ray node."""
+    await asyncio.sleep(float(job.metadata.get("sleep", "0")))
+    if job.metadata.get("fail") == "permanent":
+        raise ValueError("asked to fail")
+    return {"content": f"echo: {job.task_description}", "model": "echo",
+            "score": float(job.metadata.get("score", "0")), "pid": os.getpid()}

@@ -1,0 +1,103 @@
+"""Workers on the cluster's Python run job kinds on a real Ray head, with real Redis and NATS.
+
+Messages are enqueued the way the bridge does (``DeliberationStore.submit``) with a test-only
+job kind (``tests.worker.kinds``), so these tests need neither the bridge nor an LLM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+from redis.asyncio import Redis
+
+from bridge.contract import AgentJob
+from bridge.settings import Settings
+from bridge.state import DeliberationStore
+
+pytestmark = pytest.mark.worker_env
+
+
+@pytest.fixture
+def settings(redis_url: str, nats_url: str, ray_address: str) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    return Settings.from_env({
+        "REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
+        "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
+        "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "8",
+        "RAY_EXECUTOR_JOB_MODULES": "tests.worker.kinds", "RAY_EXECUTOR_LOG_FORMAT": "text",
+    })
+
+
+@pytest.fixture
+def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen]:
+    env = dict(os.environ, **settings.as_env())
+    log = tmp_path / "worker.log"
+    process = subprocess.Popen([sys.executable, "-m", "actors"], env=env,
+                               stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    yield process
+    if process.poll() is None:
+        os.killpg(process.pid, 15)
+        process.wait(60)
+    print(log.read_text()[-5000:])
+
+
+def jobs(deliberation_id: str, n: int, **metadata: str) -> List[AgentJob]:
+    return [AgentJob(
+        deliberation_id=deliberation_id, task_id=f"task-{deliberation_id}", agent_id=f"a{i}",
+        agent_index=i, num_agents=n, role="DEV", model="echo", prompt_template="",
+        task_description="hello", task_role="DEV", vllm_url="", timeout_seconds=30,
+        max_retries=2, metadata=dict(metadata), kind="echo_test") for i in range(n)]
+
+
+async def submit_and_wait(settings: Settings, batches: List[Tuple[int, Dict[str, str]]],
+                          timeout: float = 120) -> List[Tuple[Dict, List[Dict]]]:
+    redis = Redis.from_url(settings.redis_url, decode_responses=True)
+    store = DeliberationStore(redis, settings)
+    ids = []
+    for n, metadata in batches:
+        deliberation_id = f"delib-{uuid.uuid4().hex}"
+        record = {"id": deliberation_id, "task_id": f"task-{deliberation_id}"}
+        await store.submit(deliberation_id, record, jobs(deliberation_id, n, **metadata))
+        ids.append(deliberation_id)
+    deadline = time.monotonic() + timeout
+    results = []
+    for deliberation_id in ids:
+        while True:
+            found = await store.get(deliberation_id)
+            assert found is not None
+            if found[0]["status"] in ("completed", "failed"):
+                results.append(found)
+                break
+            assert time.monotonic() < deadline, f"{deliberation_id} still {found[0]['status']}"
+            await asyncio.sleep(0.2)
+    await redis.close()
+    return results
+
+
+def test_a_job_kind_runs_on_ray_and_finishes_its_deliberation(settings: Settings,
+                                                              worker: Any) -> None:
+    [(record, agents)] = asyncio.run(submit_and_wait(settings, [(3, {"sleep": "0.2"})]))
+    assert record["status"] == "completed" and record["completed"] == "3"
+    assert [a["status"] for a in agents] == ["completed"] * 3
+    assert all(a["result"]["content"] == "echo: hello" for a in agents)
+    assert all(a["attempts"] == 1 for a in agents)
+    # The job ran on a Ray worker process, not in the Dramatiq worker.
+    assert {a["result"]["pid"] for a in agents}.isdisjoint({worker.pid, os.getpid()})
+
+
+def test_a_failing_job_is_recorded_once_and_not_retried(settings: Settings,
+                                                        worker: Any) -> None:
+    [(record, agents)] = asyncio.run(submit_and_wait(settings, [(2, {"fail": "permanent"})]))
+    assert record["status"] == "failed" and record["failed"] == "2"
+    for agent in agents:
+        assert agent["status"] == "failed" and agent["attempts"] == 1
+        assert agent["error_type"] == "job_error" and "asked to fail" in agent["error"]
+        assert agent["retryable"] is False
