@@ -107,12 +107,12 @@ def declare_actors(broker: dramatiq.Broker) -> None:
 def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
     """One attempt of one job (the body of every job kind's actor)."""
     message = CurrentMessage.get_current_message()
-    attempt = int(message.options.get("retries", 0)) + 1 if message else 1
+    retry = int(message.options.get("retries", 0)) if message else 0
     log = {"deliberation_id": job.deliberation_id, "agent_id": job.agent_id,
            "task_id": job.task_id, "message_id": message.message_id if message else ""}
     store = runtime.store
     assert store is not None
-    verdict = runtime.run(store.start(job, attempt))
+    verdict, attempt = runtime.run(store.start(job, retry))
     if verdict != "run":
         logger.info("skipping job: %s", verdict, extra=log)
         if verdict == "done":  # a redelivery: make sure its event went out
@@ -123,21 +123,21 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
         result = RayRunners.of(runtime).run(kind, job, is_cancelled=lambda: runtime.run(
             store.is_cancelled(job.deliberation_id)))
     except Exception as exc:
-        _failed(runtime, job, exc, attempt, started, log)
+        _failed(runtime, job, exc, attempt, retry, started, log)
         return
     outcome = {"status": contract.COMPLETED, "attempts": attempt, "result": result,
                "duration_ms": int((time.monotonic() - started) * 1000)}
     _record(runtime, job, outcome, log)
 
 
-def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int,
+def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int, retry: int,
             started: float, log: Dict[str, Any]) -> None:
     error_type = getattr(exc, "error_type", type(exc).__name__)
     if error_type == "cancelled":
         logger.info("job cancelled with its deliberation", extra=log)
         return
     retryable = bool(getattr(exc, "retryable", False))
-    if retryable and attempt <= job.max_retries:
+    if retryable and retry < job.max_retries:
         logger.warning("attempt %d failed (%s: %s); retrying", attempt, error_type, exc,
                        extra=log)
         raise RetryableJobError(f"{error_type}: {exc}") from exc

@@ -177,16 +177,17 @@ class DeliberationStore:
 
     # --- the workers' side ---
 
-    async def start(self, job: AgentJob, attempt: int) -> str:
-        """Begin an attempt. Returns ``run``, ``done`` (already finished), ``missing`` or the
-        deliberation's final status (``cancelled`` ...): only ``run`` means run the job."""
+    async def start(self, job: AgentJob, retry: int) -> Tuple[str, int]:
+        """Begin an attempt: ``(verdict, attempts so far)``. The verdict is ``run``, ``done``
+        (already finished), ``missing`` or the deliberation's final status (``cancelled``
+        ...): only ``run`` means run the job. ``retry`` is Dramatiq's retry number."""
         keys = [self.keys.deliberation(job.deliberation_id),
                 self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id)]
-        args = [job.agent_id, contract.now_ms(), attempt,
+        args = [job.agent_id, contract.now_ms(), retry,
                 _event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
-                       attempt=attempt)]
-        (result,) = await self._call(self._start, keys, args)
-        return str(result)
+                       retry=retry)]
+        result = await self._call(self._start, keys, args)
+        return str(result[0]), int(result[1]) if len(result) > 1 else 0
 
     async def finish(self, job: AgentJob, outcome: Dict[str, Any]) -> Tuple[str, str]:
         """Record an agent's final outcome (``status`` completed or failed, and its fields).

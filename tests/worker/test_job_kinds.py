@@ -101,3 +101,76 @@ def test_a_failing_job_is_recorded_once_and_not_retried(settings: Settings,
         assert agent["status"] == "failed" and agent["attempts"] == 1
         assert agent["error_type"] == "job_error" and "asked to fail" in agent["error"]
         assert agent["retryable"] is False
+
+
+async def published(nats_url: str, deliberation_id: str, settle: float = 2.0) -> List[Any]:
+    """Every message of one deliberation in the result streams, read from their start."""
+    import nats
+
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    found = []
+    for subject in ("agent.response.>", "orchestration.deliberation.>"):
+        sub = await js.subscribe(subject, ordered_consumer=True)
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=settle)
+            except nats.errors.TimeoutError:
+                break
+            if deliberation_id in msg.headers.get("Nats-Msg-Id", ""):
+                found.append(msg)
+        await sub.unsubscribe()
+    await nc.close()
+    return found
+
+
+def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
+        settings: Settings, tmp_path: Path) -> None:
+    settings = settings.replace(worker_heartbeat_timeout=10)
+    env = dict(os.environ, **settings.as_env())
+
+    def start(n: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "actors"], env=env,
+                                stdout=(tmp_path / f"worker-{n}.log").open("ab"),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    async def scenario() -> Tuple[Dict, List[Dict], List[Any], float]:
+        redis = Redis.from_url(settings.redis_url, decode_responses=True)
+        store = DeliberationStore(redis, settings)
+        deliberation_id = f"delib-{uuid.uuid4().hex}"
+        await store.submit(deliberation_id, {"id": deliberation_id, "task_id": "kill"},
+                           jobs(deliberation_id, 4, sleep="6"))
+        first = start(1)
+        deadline = time.monotonic() + 90
+        while True:  # wait until the jobs are running on Ray
+            _, agents = await store.get(deliberation_id)  # type: ignore[misc]
+            if all(a["status"] == "running" for a in agents):
+                break
+            assert time.monotonic() < deadline, agents
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1.0)
+        os.killpg(first.pid, 9)
+        first.wait()
+        killed_at = time.monotonic()
+        second = start(2)
+        try:
+            while True:
+                record, agents = await store.get(deliberation_id)  # type: ignore[misc]
+                if record["status"] in ("completed", "failed"):
+                    break
+                assert time.monotonic() - killed_at < 120, record
+                await asyncio.sleep(0.5)
+            recovered = time.monotonic() - killed_at
+            events = await published(settings.nats_url, deliberation_id)
+        finally:
+            os.killpg(second.pid, 15)
+            second.wait(60)
+        await redis.close()
+        return record, agents, events, recovered
+
+    record, agents, events, recovered = asyncio.run(scenario())
+    assert record["status"] == "completed", (tmp_path / "worker-2.log").read_text()[-3000:]
+    assert all(a["attempts"] == 2 for a in agents), agents  # ran again after the kill
+    ids = sorted(m.headers["Nats-Msg-Id"] for m in events)
+    assert len(ids) == len(set(ids)) == 4 + 2, ids  # 4 agents + submitted + completed
+    print(f"recovered {recovered:.1f}s after SIGKILL")
