@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 from actors.connection import RayConnection, RayUnavailable, RayVersionMismatch
@@ -46,6 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         connection.disconnect()
     env = dict(os.environ)
+    # Dramatiq's Prometheus middleware: our port, and a multiprocess directory of this worker
+    # group's own (its default is shared by every worker on the machine).
+    env["dramatiq_prom_port"] = str(settings.metrics_port)
+    env["dramatiq_prom_db"] = tempfile.mkdtemp(prefix="rx-metrics-")
+    env["dramatiq_prom_lock"] = env["dramatiq_prom_db"] + ".lock"
     if settings.worker_prefetch:
         env["dramatiq_queue_prefetch"] = str(settings.worker_prefetch)
     args = dramatiq_argv(settings)

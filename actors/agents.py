@@ -3,6 +3,7 @@ async function (see ``actors.jobs.job_kind``)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, Dict, Optional
 
 from actors.jobs import job_kind
@@ -28,4 +29,6 @@ async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
     from actors.vllm_agent import call_vllm, resolve_url
 
     base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
-    return await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds)
+    started = time.perf_counter()
+    result = await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds)
+    return {**result, "latency_ms": int((time.perf_counter() - started) * 1000)}

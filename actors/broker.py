@@ -16,25 +16,32 @@ from dramatiq.middleware import (
     Callbacks,
     CurrentMessage,
     Pipelines,
+    Prometheus,
     Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
+from actors.circuit import CircuitBreaker
+from actors.limits import ConcurrencyLimiter
 from actors.runtime import WorkerRuntime
 from bridge.settings import Settings
-
-MIN_BACKOFF_MS = 1_000
-MAX_BACKOFF_MS = 60_000
 
 
 def make_broker(settings: Settings) -> RedisBroker:
     dramatiq.set_encoder(JSONEncoder())
     middleware = [
         AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(),
-        Retries(max_retries=settings.max_retries, min_backoff=MIN_BACKOFF_MS,
-                max_backoff=MAX_BACKOFF_MS),
+        # Delays come from actors.backoff through dramatiq.Retry; these are Retries' defaults
+        # for anything else.
+        Retries(max_retries=settings.max_retries, min_backoff=int(settings.backoff_min * 1000),
+                max_backoff=int(settings.backoff_max * 1000)),
         CurrentMessage(), WorkerRuntime(settings),
+        # Order matters: an open circuit sends a job back before it takes a slot.
+        CircuitBreaker(settings), ConcurrencyLimiter(settings),
+        # Last, since Dramatiq runs after_* hooks in reverse order: its after_process_boot must
+        # set up the multiprocess directory before any other hook creates a metric.
+        Prometheus(),
     ]
     broker = RedisBroker(url=settings.redis_url, middleware=middleware,
                          heartbeat_timeout=settings.worker_heartbeat_timeout * 1000)

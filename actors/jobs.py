@@ -23,6 +23,8 @@ from typing import Any, Awaitable, Callable, Dict, Optional
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
+from actors import backoff, metrics
+from actors.backoff import PermanentJobError, RetryJob
 from actors.runner import RayRunners
 from actors.runtime import WorkerRuntime
 from bridge import contract
@@ -34,14 +36,6 @@ JobFunction = Callable[[AgentJob], Awaitable[Dict[str, Any]]]
 # The job's own timeout cancels its Ray task; Dramatiq's TimeLimit is only a backstop past
 # the longest allowed timeout (24 h), since it cannot stop a thread blocked in a Ray call.
 TIME_LIMIT_BACKSTOP_MS = 25 * 3600 * 1000
-
-
-class PermanentJobError(Exception):
-    """A job failed in a way retrying cannot fix; Dramatiq dead-letters it at once."""
-
-
-class RetryableJobError(Exception):
-    """A job failed in a way a later attempt may not; Dramatiq retries it with backoff."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +119,14 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
     except Exception as exc:
         _failed(runtime, job, exc, attempt, retry, started, log)
         return
+    elapsed = time.monotonic() - started
     outcome = {"status": contract.COMPLETED, "attempts": attempt, "result": result,
-               "duration_ms": int((time.monotonic() - started) * 1000)}
+               "duration_ms": int(elapsed * 1000)}
+    measured = metrics.get()
+    measured.job_seconds.labels(kind.name).observe(elapsed)
+    measured.jobs.labels(kind.name, "completed").inc()
+    if isinstance(result, dict) and result.get("latency_ms"):
+        measured.vllm_seconds.observe(result["latency_ms"] / 1000)
     _record(runtime, job, outcome, log)
 
 
@@ -138,14 +138,21 @@ def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int,
         return
     retryable = bool(getattr(exc, "retryable", False))
     if retryable and retry < job.max_retries:
-        logger.warning("attempt %d failed (%s: %s); retrying", attempt, error_type, exc,
-                       extra=log)
-        raise RetryableJobError(f"{error_type}: {exc}") from exc
+        settings = runtime.settings
+        delay = backoff.delay_ms(retry, minimum=settings.backoff_min,
+                                 maximum=settings.backoff_max,
+                                 retry_after=getattr(exc, "retry_after", None))
+        logger.warning("attempt %d failed (%s: %s); retry in %d ms", attempt, error_type, exc,
+                       delay, extra=log)
+        metrics.get().retries.labels(error_type).inc()
+        metrics.get().jobs.labels(job.kind, "retried").inc()
+        raise RetryJob(f"{error_type}: {exc}", delay=delay, error_type=error_type) from exc
     outcome = {"status": contract.FAILED, "attempts": attempt, "error": str(exc)[:2000],
                "error_type": error_type, "retryable": retryable,
                "duration_ms": int((time.monotonic() - started) * 1000)}
+    metrics.get().jobs.labels(job.kind, "failed").inc()
     _record(runtime, job, outcome, log)
-    raise PermanentJobError(f"{error_type}: {exc}") from exc
+    raise PermanentJobError(f"{error_type}: {exc}", error_type=error_type) from exc
 
 
 def _record(runtime: WorkerRuntime, job: AgentJob, outcome: Dict[str, Any],

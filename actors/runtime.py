@@ -21,6 +21,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 from redis.asyncio import Redis
 
+from actors import metrics
 from actors.connection import RayConnection
 from bridge.contract import Subjects
 from bridge.outbox import Outbox, attach_nats
@@ -68,6 +69,7 @@ class WorkerRuntime(dramatiq.Middleware):
             self.ray.ensure(attempts=3)
         except ConnectionError as exc:  # jobs will retry the connection and back off
             logger.warning("Ray not reachable at boot: %s", exc)
+        metrics.get().ray_connected.set(1 if self.ray.connected else 0)
 
     def before_process_stop(self, broker: dramatiq.Broker) -> None:
         self._stop.set()
@@ -119,6 +121,7 @@ class WorkerRuntime(dramatiq.Middleware):
         dispatch = broker.scripts["dispatch"]
         queues = [self.settings.queue, dq_name(self.settings.queue)]
         while not self._stop.wait(self.heartbeat_interval):
+            metrics.get().ray_connected.set(1 if self.ray.connected else 0)
             for queue in queues:
                 try:
                     dispatch(keys=[broker.namespace], args=[

@@ -37,6 +37,12 @@ def _bridge_command(args: argparse.Namespace, settings: Settings) -> int:
     return _run_until_signal(lambda stop: service.run(settings, stop))
 
 
+def _dashboard_command(args: argparse.Namespace, settings: Settings) -> int:
+    from bridge import dashboard
+
+    return dashboard.main(settings)
+
+
 def _up_command(args: argparse.Namespace, settings: Settings) -> int:
     from bridge.embedded import up
 
@@ -128,6 +134,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "bridge": _bridge_command,
     "worker": _worker_command,
     "up": _up_command,
+    "dashboard": _dashboard_command,
     "submit": _submit_command,
     "status": _status_command,
     "watch": _watch_command,
@@ -142,6 +149,8 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run Dramatiq workers that execute jobs on Ray")
     worker.add_argument("--worker-python", default="",
                         help="python of the worker environment (default: this one)")
+    sub.add_parser("dashboard", help="serve dramatiq-dashboard for our queue (needs "
+                   "REDIS_URL; auth: RAY_EXECUTOR_DASHBOARD_*)")
     up = sub.add_parser("up", help="run everything on loopback (embedded servers where no URL)")
     up.add_argument("--worker-python", default="",
                     help="python of the worker environment (Python 3.9 with Ray)")

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Optional, Set, Tuple
 
 from bridge import contract, validation
+from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
 from bridge.outbox import Outbox
 from bridge.settings import Settings
-from bridge.state import DeliberationStore, new_deliberation_id
+from bridge.state import DeliberationStore, StateUnavailable, new_deliberation_id
 from ray_executor.v1 import ray_executor_pb2 as pb
 
 logger = logging.getLogger("ray_executor.ingress")
@@ -36,13 +38,28 @@ class Ingress:
         self.outbox = outbox
         self._background: Set[asyncio.Task] = set()
 
-    async def submit(self, request: pb.ExecuteDeliberationRequest,
-                     traceparent: str = "") -> Tuple[str, bool]:
-        """Returns ``(deliberation_id, created)``.
+    async def submit(self, request: pb.ExecuteDeliberationRequest, traceparent: str = "",
+                     source: str = "grpc") -> Tuple[str, bool]:
+        """Returns ``(deliberation_id, created)``; ``source`` labels the metrics.
 
         Raises ``validation.InvalidRequest`` (nothing written) or ``state.StateUnavailable``
         (nothing written: the script is atomic).
         """
+        started = time.perf_counter()
+        try:
+            deliberation_id, created = await self._submit(request, traceparent)
+        except validation.InvalidRequest:
+            INGRESS_REQUESTS.labels(source, "invalid").inc()
+            raise
+        except StateUnavailable:
+            INGRESS_REQUESTS.labels(source, "unavailable").inc()
+            raise
+        INGRESS_REQUESTS.labels(source, "submitted" if created else "duplicate").inc()
+        INGRESS_LATENCY.labels(source).observe(time.perf_counter() - started)
+        return deliberation_id, created
+
+    async def _submit(self, request: pb.ExecuteDeliberationRequest,
+                      traceparent: str) -> Tuple[str, bool]:
         plan = validation.plan(request, self.settings, new_deliberation_id())
         record = dict(plan.record)
         options = {}

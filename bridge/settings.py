@@ -113,14 +113,50 @@ class Settings:
         minimum=0,
     )
 
+    # --- protecting vLLM (worker middleware) ---
+    vllm_concurrency: int = _setting(
+        PREFIX + "VLLM_CONCURRENCY",
+        64,
+        "Jobs in flight at once per vLLM endpoint and model, across every worker.",
+        minimum=1,
+    )
+    vllm_rate_limit: int = _setting(
+        PREFIX + "VLLM_RATE_LIMIT",
+        0,
+        "Requests per window per vLLM endpoint and model; 0: no rate limit.",
+        minimum=0,
+    )
+    vllm_rate_window: float = _setting(
+        PREFIX + "VLLM_RATE_WINDOW", 1.0, "Seconds of the request-rate window.", minimum=0.01
+    )
+    circuit_failures: int = _setting(
+        PREFIX + "CIRCUIT_FAILURES",
+        5,
+        "Consecutive server-side failures of an endpoint that open its circuit.",
+        minimum=1,
+    )
+    circuit_cooldown: float = _setting(
+        PREFIX + "CIRCUIT_COOLDOWN",
+        30.0,
+        "Seconds an open circuit waits before letting one probe job through.",
+        minimum=0.1,
+    )
+    backoff_min: float = _setting(
+        PREFIX + "BACKOFF_MIN", 1.0, "Seconds of the first retry's backoff.", minimum=0.01
+    )
+    backoff_max: float = _setting(
+        PREFIX + "BACKOFF_MAX", 120.0, "Most seconds one retry waits (Retry-After included).",
+        minimum=0.01,
+    )
+
     # --- workers ---
     worker_processes: int = _setting(
         PREFIX + "WORKER_PROCESSES", 2, "Worker processes per `ray-executor worker`.", minimum=1
     )
     worker_threads: int = _setting(
         PREFIX + "WORKER_THREADS",
-        64,
-        "Worker threads per process (each holds one in-flight job while it waits on Ray).",
+        256,
+        "Worker threads per process: each holds one in-flight job while it waits on Ray.",
         minimum=1,
     )
     worker_prefetch: int = _setting(

@@ -18,6 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bridge.contract import AgentJob
+from bridge.servers import free_port
 from bridge.settings import Settings
 from bridge.state import DeliberationStore
 
@@ -32,6 +33,7 @@ def settings(redis_url: str, nats_url: str, ray_address: str) -> Settings:
         "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
         "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "8",
         "RAY_EXECUTOR_JOB_MODULES": "tests.worker.kinds", "RAY_EXECUTOR_LOG_FORMAT": "text",
+        "RAY_EXECUTOR_METRICS_PORT": str(free_port()),
     })
 
 
@@ -91,6 +93,13 @@ def test_a_job_kind_runs_on_ray_and_finishes_its_deliberation(settings: Settings
     assert all(a["attempts"] == 1 for a in agents)
     # The job ran on a Ray worker process, not in the Dramatiq worker.
     assert {a["result"]["pid"] for a in agents}.isdisjoint({worker.pid, os.getpid()})
+    # Every worker process's samples are served from one port (multiprocess mode).
+    import urllib.request
+
+    scraped = urllib.request.urlopen(
+        f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
+    assert 'ray_executor_agent_jobs_total{kind="echo_test",outcome="completed"} 3.0' in scraped
+    assert "dramatiq_messages_total" in scraped and "ray_executor_ray_connected" in scraped
 
 
 def test_a_failing_job_is_recorded_once_and_not_retried(settings: Settings,

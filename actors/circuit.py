@@ -1,0 +1,118 @@
+"""A circuit breaker per vLLM endpoint, shared through Redis by every worker.
+
+After ``RAY_EXECUTOR_CIRCUIT_FAILURES`` consecutive server-side failures (5xx, 429, timeouts,
+refused or reset connections) the endpoint's circuit opens: its jobs are put back with a
+delay instead of hammering it (no retry consumed). After the cooldown one job at a time is let
+through as a probe (half-open); a success closes the circuit, a failure opens it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any, Optional
+
+import dramatiq
+import redis
+from dramatiq.middleware import SkipMessage
+
+from actors import metrics
+from actors.limits import endpoint_key
+from bridge.settings import Settings
+
+logger = logging.getLogger("ray_executor.circuit")
+
+SERVER_SIDE = {"rate_limited", "unavailable", "server_error", "timeout", "connection"}
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+
+_ALLOW = """
+local opened_until = tonumber(redis.call('HGET', KEYS[1], 'opened_until') or 0)
+if opened_until == 0 then return 'closed' end
+if tonumber(ARGV[1]) < opened_until then return 'open' end
+if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 'probe' end
+return 'open'
+"""
+
+_FAILURE = """
+local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3] * 10)
+if failures >= tonumber(ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[4] then
+  redis.call('HSET', KEYS[1], 'opened_until', ARGV[1] + ARGV[3])
+  redis.call('DEL', KEYS[2])
+  return 1
+end
+return 0
+"""
+
+
+class CircuitBreaker(dramatiq.Middleware):
+    """Parameters: settings (failure threshold and cooldown).
+
+    Actor options / per-message overrides: ``circuit_failures``, ``circuit_cooldown`` (s).
+    """
+
+    actor_options = {"circuit_failures", "circuit_cooldown"}
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.prefix = f"{settings.key_prefix}:circuit"
+        self.redis: Optional[redis.Redis] = None
+        self._allow: Any = None
+        self._failure: Any = None
+
+    def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        self.redis = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self._allow = self.redis.register_script(_ALLOW)
+        self._failure = self.redis.register_script(_FAILURE)
+
+    def _keys(self, message: Any) -> list:
+        endpoint = endpoint_key(message)
+        return [f"{self.prefix}:{endpoint}", f"{self.prefix}:{endpoint}:probe"]
+
+    def _cooldown_ms(self, broker: dramatiq.Broker, message: Any) -> int:
+        actor = broker.get_actor(message.actor_name)
+        seconds = message.options.get("circuit_cooldown", actor.options.get(
+            "circuit_cooldown", self.settings.circuit_cooldown))
+        return int(float(seconds) * 1000)
+
+    def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        cooldown = self._cooldown_ms(broker, message)
+        verdict = self._allow(keys=self._keys(message),
+                              args=[int(time.time() * 1000), message.message_id, cooldown])
+        if verdict == "open":
+            delay = int(random.uniform(0.5, 1.0) * cooldown)
+            broker.enqueue(message.copy(), delay=delay)
+            logger.info("circuit open for %s; job back in %d ms", endpoint_key(message), delay)
+            metrics.get().circuit_waits.inc()
+            raise SkipMessage("circuit open")
+        if verdict == "probe":
+            logger.info("circuit half-open for %s: probing", endpoint_key(message))
+
+    def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
+                              result: Any = None, exception: Any = None) -> None:
+        if self.redis is None:
+            return
+        keys = self._keys(message)
+        error_type = getattr(exception, "error_type", "") if exception is not None else ""
+        if exception is None or error_type not in SERVER_SIDE:
+            if exception is None:
+                self.redis.delete(*keys)  # a success closes the circuit
+            return
+        actor = broker.get_actor(message.actor_name)
+        threshold = int(message.options.get("circuit_failures", actor.options.get(
+            "circuit_failures", self.settings.circuit_failures)))
+        opened = self._failure(keys=keys, args=[int(time.time() * 1000), threshold,
+                                                self._cooldown_ms(broker, message),
+                                                message.message_id])
+        if opened:
+            metrics.get().circuit_open.inc()
+            logger.warning("circuit opened for %s after %s", endpoint_key(message), error_type)
+
+    def state(self, endpoint: str) -> str:
+        """closed, open or half_open (a probe may go) for ``endpoint`` (``vllm_url|model``)."""
+        assert self.redis is not None
+        opened_until = int(self.redis.hget(f"{self.prefix}:{endpoint}", "opened_until") or 0)
+        if not opened_until:
+            return CLOSED
+        return OPEN if time.time() * 1000 < opened_until else HALF_OPEN

@@ -1,0 +1,107 @@
+"""Prometheus metrics of the bridge, served on ``/metrics`` with ``/healthz`` beside it.
+
+Queue depth per queue (ready, delayed, dead-letter) is read from Redis at scrape time: it is
+the metric the worker HPA scales on (``ray_executor_queue_depth{queue,state}``). Deliberation
+totals come from the shared Redis counters, so every bridge replica reports the same numbers;
+``ray_executor_ingress_requests_total`` counts what this replica accepted or refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Iterator, Optional
+
+import redis
+from dramatiq.common import dq_name, xq_name
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bridge.contract import Keys
+from bridge.settings import Settings
+from bridge.state import queue_key
+
+logger = logging.getLogger("ray_executor.metrics")
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+INGRESS_REQUESTS = Counter(
+    "ray_executor_ingress_requests", "Deliberation requests by ingress and outcome.",
+    ["ingress", "outcome"], registry=REGISTRY)
+INGRESS_LATENCY = Histogram(
+    "ray_executor_ingress_seconds", "Time to validate, record and enqueue one request.",
+    ["ingress"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+
+class QueueCollector:
+    """Reads queue depths and deliberation totals from Redis at each scrape."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True,
+                                          socket_timeout=2)
+        self.keys = Keys(settings.key_prefix)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        queue = self.settings.queue
+        depth = GaugeMetricFamily("ray_executor_queue_depth",
+                                  "Messages per queue and state (ready, delayed, dead_letter).",
+                                  labels=["queue", "state"])
+        totals = GaugeMetricFamily("ray_executor_deliberations",
+                                   "Deliberations by outcome, across every replica.",
+                                   labels=["status"])
+        up = GaugeMetricFamily("ray_executor_redis_up", "1 when Redis answered the scrape.")
+        try:
+            with self.redis.pipeline(transaction=False) as pipe:
+                pipe.llen(queue_key(queue))
+                pipe.llen(queue_key(dq_name(queue)))
+                pipe.zcard(queue_key(xq_name(queue)))
+                pipe.hgetall(self.keys.stats)
+                pipe.zcard(self.keys.active)
+                ready, delayed, dead, stats, active = pipe.execute()
+        except redis.RedisError as exc:
+            logger.warning("metrics scrape could not read Redis: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        for state, value in (("ready", ready), ("delayed", delayed), ("dead_letter", dead)):
+            depth.add_metric([queue, state], value)
+        for status in ("total", "completed", "failed", "cancelled"):
+            totals.add_metric([status], int(stats.get(status, 0)))
+        totals.add_metric(["active"], active)
+        yield from (depth, totals, up)
+
+
+def serve(settings: Settings, healthy: Callable[[], bool]) -> Optional[ThreadingHTTPServer]:
+    """Serve ``/metrics`` and ``/healthz`` on ``RAY_EXECUTOR_METRICS_PORT`` in a thread
+    (port 0 disables it). Returns the server (``shutdown()`` stops it)."""
+    if not settings.metrics_port:
+        return None
+    REGISTRY.register(QueueCollector(settings))  # type: ignore[arg-type]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.startswith("/metrics"):
+                body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
+            elif self.path.startswith("/healthz"):
+                ok = healthy()
+                body, status, kind = (b"ok\n" if ok else b"unhealthy\n"), (200 if ok else 503), \
+                    "text/plain"
+            else:
+                body, status, kind = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args: Any) -> None:
+            logger.debug(fmt, *args)
+
+    server = ThreadingHTTPServer((settings.grpc_host, settings.metrics_port), Handler)
+    threading.Thread(target=server.serve_forever, name="rx-metrics", daemon=True).start()
+    logger.info("metrics on %s:%d/metrics", settings.grpc_host, settings.metrics_port)
+    return server

@@ -1,0 +1,279 @@
+"""Worker middleware against a misbehaving stand-in vLLM, with real Redis, Ray and NATS:
+backoff honouring Retry-After, no retry for 400, time limits that cancel the Ray task,
+cancellation mid-flight, the circuit breaker, and the distributed concurrency limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Dict, Iterator, List
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from bridge.contract import AgentJob
+from bridge.servers import free_port
+from bridge.settings import Settings
+from bridge.standin_llm import run_in_thread
+from bridge.state import DeliberationStore
+
+pytestmark = pytest.mark.worker_env
+
+
+class Standin:
+    def __init__(self) -> None:
+        self.server = run_in_thread(model="standin-model")
+        self.url = self.server.url
+
+    def control(self, **behaviour: Any) -> None:
+        body = json.dumps(behaviour).encode()
+        urllib.request.urlopen(urllib.request.Request(
+            f"{self.url}/control", data=body, headers={"Content-Type": "application/json"}))
+
+    def stats(self) -> Dict[str, int]:
+        return json.loads(urllib.request.urlopen(f"{self.url}/stats").read())
+
+
+@pytest.fixture
+def standin() -> Iterator[Standin]:
+    server = Standin()
+    yield server
+    server.server.stop()
+
+
+def make_settings(redis_url: str, nats_url: str, ray_address: str, **extra: str) -> Settings:
+    tag = uuid.uuid4().hex[:8]
+    env = {"REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
+           "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
+           "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "32",
+           "RAY_EXECUTOR_BACKOFF_MIN": "0.1", "RAY_EXECUTOR_BACKOFF_MAX": "5",
+           "RAY_EXECUTOR_LOG_FORMAT": "text", "RAY_EXECUTOR_METRICS_PORT": str(free_port())}
+    env.update(extra)
+    return Settings.from_env(env)
+
+
+class Workers:
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.settings = settings
+        env = dict(os.environ, **settings.as_env())
+        self.process = subprocess.Popen([sys.executable, "-m", "actors"], env=env,
+                                        stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+        self.log = log
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            self.process.wait(60)
+
+
+@pytest.fixture
+def start_workers(tmp_path: Path) -> Iterator[Any]:
+    started: List[Workers] = []
+
+    def start(settings: Settings) -> Workers:
+        workers = Workers(settings, tmp_path / f"workers-{len(started)}.log")
+        started.append(workers)
+        return workers
+
+    yield start
+    for workers in started:
+        workers.stop()
+
+
+def agent_jobs(deliberation_id: str, n: int, url: str, *, timeout: int = 30,
+               retries: int = 5) -> List[AgentJob]:
+    return [AgentJob(
+        deliberation_id=deliberation_id, task_id=f"task-{deliberation_id}", agent_id=f"a{i}",
+        agent_index=i, num_agents=n, role="DEV", model="standin-model", prompt_template="",
+        task_description="Say something", task_role="DEV", vllm_url=url,
+        timeout_seconds=timeout, max_retries=retries) for i in range(n)]
+
+
+def run(settings: Settings, coroutine_factory: Any) -> Any:
+    async def main() -> Any:
+        client = Redis.from_url(settings.redis_url, decode_responses=True)
+        try:
+            return await coroutine_factory(DeliberationStore(client, settings))
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+async def submit(store: DeliberationStore, jobs: List[AgentJob]) -> str:
+    deliberation_id = jobs[0].deliberation_id
+    await store.submit(deliberation_id, {"id": deliberation_id, "task_id": "t"}, jobs)
+    return deliberation_id
+
+
+async def wait_final(store: DeliberationStore, deliberation_id: str, timeout: float = 120
+                     ) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        record, agents = await store.get(deliberation_id)  # type: ignore[misc]
+        if record["status"] in ("completed", "failed", "cancelled"):
+            return record, agents
+        assert time.monotonic() < deadline, (record, agents)
+        await asyncio.sleep(0.2)
+
+
+@pytest.fixture
+def base(redis_url: str, nats_url: str, ray_address: str) -> Any:
+    return lambda **extra: make_settings(redis_url, nats_url, ray_address, **extra)
+
+
+def test_429_storm_backs_off_honours_retry_after_and_completes(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    settings = base()
+    start_workers(settings)
+    standin.control(status=429, fail_count=6, retry_after=1)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        started = time.monotonic()
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url))
+        return await wait_final(store, did), time.monotonic() - started
+
+    (record, agents), elapsed = run(settings, scenario)
+    assert record["status"] == "completed", agents
+    assert sum(a["attempts"] for a in agents) == 3 + 6
+    assert standin.stats()["errors"] == 6
+    assert elapsed >= 2.0  # each agent waited Retry-After (1 s) at least twice
+
+
+def test_503_then_recovery_and_400_is_not_retried(base: Any, standin: Standin,
+                                                   start_workers: Any) -> None:
+    settings = base()
+    start_workers(settings)
+    standin.control(status=503, fail_count=2)
+
+    async def recovering(store: DeliberationStore) -> Any:
+        return await wait_final(store, await submit(
+            store, agent_jobs(f"d-{uuid.uuid4().hex}", 2, standin.url)))
+
+    record, agents = run(settings, recovering)
+    assert record["status"] == "completed"
+    assert sum(a["attempts"] for a in agents) == 4
+
+    standin.control(status=400, fail_count=-1)
+    before = standin.stats()["requests"]
+    record, agents = run(settings, recovering)
+    assert record["status"] == "failed"
+    for agent in agents:
+        assert (agent["error_type"], agent["retryable"], agent["attempts"]) == (
+            "bad_request", False, 1)
+    assert standin.stats()["requests"] - before == 2  # one call each, no retry
+
+
+def test_a_hung_call_times_out_and_its_ray_task_is_cancelled(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    settings = base()
+    start_workers(settings)
+    standin.control(hang=True)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        return await wait_final(store, await submit(
+            store, agent_jobs(f"d-{uuid.uuid4().hex}", 2, standin.url, timeout=3)))
+
+    record, agents = run(settings, scenario)
+    assert record["status"] == "failed"
+    assert {a["error_type"] for a in agents} == {"timeout"}
+    deadline = time.monotonic() + 20
+    while standin.stats()["cancelled"] < 2:  # the cluster closed the hung requests
+        assert time.monotonic() < deadline, standin.stats()
+        time.sleep(0.2)
+    assert standin.stats()["in_flight"] == 0
+
+
+def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    settings = base()
+    start_workers(settings)
+    standin.control(latency=60)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
+                                             timeout=120))
+        deadline = time.monotonic() + 60
+        while standin.stats()["in_flight"] < 3:
+            assert time.monotonic() < deadline, standin.stats()
+            await asyncio.sleep(0.2)
+        assert await store.cancel(did, "test") == (True, "cancelled")
+        return await wait_final(store, did)
+
+    record, _ = run(settings, scenario)
+    assert record["status"] == "cancelled"
+    deadline = time.monotonic() + 20
+    while standin.stats()["cancelled"] < 3:
+        assert time.monotonic() < deadline, standin.stats()
+        time.sleep(0.2)
+
+
+def test_the_circuit_opens_on_failures_and_closes_on_recovery(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    settings = base(RAY_EXECUTOR_CIRCUIT_FAILURES="3", RAY_EXECUTOR_CIRCUIT_COOLDOWN="3")
+    start_workers(settings)
+    standin.control(status=503, fail_count=-1)
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    circuit = f"{settings.key_prefix}:circuit:{standin.url}|standin-model"
+
+    async def scenario(store: DeliberationStore) -> Any:
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 4, standin.url,
+                                             retries=20))
+        deadline = time.monotonic() + 60
+        while not client.hget(circuit, "opened_until"):
+            assert time.monotonic() < deadline, "the circuit never opened"
+            await asyncio.sleep(0.1)
+        opened = standin.stats()["requests"]
+        await asyncio.sleep(2.0)  # open: jobs wait instead of calling
+        assert standin.stats()["requests"] - opened <= 1
+        standin.control(status=200, fail_count=0)
+        return await wait_final(store, did, timeout=90)
+
+    record, _ = run(settings, scenario)
+    assert record["status"] == "completed"
+    assert not client.exists(circuit), "a successful probe closes the circuit"
+
+
+@pytest.mark.slow
+def test_the_concurrency_limit_holds_across_four_processes(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    limit = 6
+    settings = base(RAY_EXECUTOR_VLLM_CONCURRENCY=str(limit),
+                    RAY_EXECUTOR_WORKER_PROCESSES="4", RAY_EXECUTOR_WORKER_THREADS="8")
+    start_workers(settings)
+    standin.control(latency=1.0)
+    samples: List[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.1):
+            samples.append(standin.stats()["in_flight"])
+
+    async def scenario(store: DeliberationStore) -> Any:
+        await asyncio.sleep(8)  # let the four processes connect to Ray
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 48, standin.url))
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            return await wait_final(store, did, timeout=180)
+        finally:
+            done.set()
+            sampler.join()
+
+    record, _ = run(settings, scenario)
+    assert record["status"] == "completed"
+    stats = standin.stats()
+    assert stats["peak_in_flight"] <= limit, stats
+    busy = samples[len(samples) // 10: -len(samples) // 4]  # while work was still queued
+    utilisation = sum(busy) / len(busy) / limit
+    print(f"peak {stats['peak_in_flight']}/{limit}, utilisation {utilisation:.2f}")
+    assert utilisation >= 0.9, samples
