@@ -16,6 +16,8 @@ from redis.asyncio import Redis
 from bridge.contract import Subjects
 from bridge.grpc_server import build_server, mark_serving
 from bridge.ingress import Ingress
+from bridge.metrics import serve as serve_metrics
+from bridge.nats_ingress import NatsIngress
 from bridge.outbox import Outbox, attach_nats
 from bridge.settings import Settings
 from bridge.state import DeliberationStore
@@ -36,21 +38,30 @@ async def run(settings: Settings, stop: asyncio.Event,
     await server.start()
     await mark_serving(health, True)
     logger.info("gRPC listening on %s:%d", settings.grpc_host, port)
+    metrics = serve_metrics(settings, healthy=lambda: True)
     if on_ready is not None:
         on_ready(port)
 
+    consumer = NatsIngress(ingress, settings, outbox.subjects) if settings.nats_ingress else None
     tasks: List[asyncio.Task] = [asyncio.ensure_future(outbox.run(stop))]
-    nats_task = asyncio.ensure_future(attach_nats(settings, outbox, "ray-executor-bridge", stop))
+    nats_task = asyncio.ensure_future(attach_nats(
+        settings, outbox, "ray-executor-bridge", stop,
+        on_connected=consumer.start if consumer is not None else None))
     try:
         await stop.wait()
     finally:
         logger.info("bridge stopping: draining in-flight calls")
         await mark_serving(health, False)
-        await server.stop(settings.grpc_shutdown_grace)
+        # gRPC calls get their grace while the NATS consumer stops fetching and finishes
+        # (and acks) the messages in hand.
+        await asyncio.gather(server.stop(settings.grpc_shutdown_grace),
+                             *([consumer.stop()] if consumer is not None else []))
         await ingress.drain()
         nc = await nats_task
         await asyncio.gather(*tasks, return_exceptions=True)
         if nc is not None:
             await nc.drain()
         await redis.close()
+        if metrics is not None:
+            metrics.shutdown()
         logger.info("bridge stopped")

@@ -216,6 +216,16 @@ class Settings:
     nats_consumer: str = _setting(
         PREFIX + "NATS_CONSUMER", "ray-executor-deliberate", "Durable consumer name of the ingress."
     )
+    nats_max_ack_pending: int = _setting(
+        PREFIX + "NATS_MAX_ACK_PENDING",
+        1000,
+        "Unacked ingress messages across every bridge replica (set when the consumer is made).",
+        minimum=1,
+    )
+    nats_max_in_flight: int = _setting(
+        PREFIX + "NATS_MAX_IN_FLIGHT", 64, "Ingress requests one bridge works on at once.",
+        minimum=1,
+    )
 
     # --- dashboard and metrics ---
     dashboard_host: str = _setting(

@@ -50,6 +50,7 @@ def start_bridge(redis_url: str, nats_url: str, tmp_path: Path
         env = dict(os.environ, REDIS_URL=redis_url, NATS_URL=nats_url,
                    RAY_EXECUTOR_GRPC_HOST="127.0.0.1",
                    RAY_EXECUTOR_GRPC_PORT=str(servers.free_port()),
+                   RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()),
                    RAY_EXECUTOR_QUEUE=f"q{tag}", RAY_EXECUTOR_KEY_PREFIX=f"t{tag}",
                    RAY_EXECUTOR_LOG_FORMAT="text")
         env.update(overrides)

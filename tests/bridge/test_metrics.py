@@ -1,0 +1,70 @@
+"""The bridge's /metrics: queue depth (the HPA's metric) and counters move with the work."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import urllib.request
+from typing import Any
+
+import dramatiq
+import grpc
+from dramatiq.brokers.redis import RedisBroker
+
+from tests.bridge.conftest import BridgeProcess, request
+
+
+def scrape(bridge: BridgeProcess) -> str:
+    port = bridge.env["RAY_EXECUTOR_METRICS_PORT"]
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = rf"^{re.escape(name)}\{{{re.escape(wanted)}\}} (\S+)$" if labels else \
+        rf"^{re.escape(name)} (\S+)$"
+    match = re.search(pattern, text, re.M)
+    assert match, f"{name}{{{wanted}}} not in metrics"
+    return float(match.group(1))
+
+
+def test_queue_depth_and_counters_move(bridge: BridgeProcess, redis_url: str) -> None:
+    depth = lambda text: sample(  # noqa: E731
+        text, "ray_executor_queue_depth", queue=bridge.queue, state="ready")
+    before = scrape(bridge)
+    assert depth(before) == 0
+    stub = bridge.stub()
+    for _ in range(2):
+        stub.ExecuteDeliberation(request(agents=3))
+    with contextlib.suppress(grpc.RpcError):  # refused: counted as invalid
+        stub.ExecuteDeliberation(request(task_id=" "))
+    after = scrape(bridge)
+    assert depth(after) == 6
+    assert sample(after, "ray_executor_ingress_requests_total", ingress="grpc",
+                  outcome="submitted") == 2
+    assert sample(after, "ray_executor_ingress_requests_total", ingress="grpc",
+                  outcome="invalid") == 1
+    assert sample(after, "ray_executor_redis_up") == 1
+
+    broker = RedisBroker(url=redis_url, middleware=[])
+    done: list = []
+
+    @dramatiq.actor(actor_name="vllm_agent", queue_name=bridge.queue, broker=broker)
+    def vllm_agent(**job: Any) -> None:
+        done.append(job)
+
+    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while depth(scrape(bridge)) > 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+        broker.close()
+    assert len(done) == 6
+    healthz = urllib.request.urlopen(
+        f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz").read()
+    assert healthz == b"ok\n"
