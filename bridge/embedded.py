@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Dict, List
 
-from bridge import servers
+from bridge import logs, servers
 from bridge.settings import Settings
 
 
@@ -49,6 +49,7 @@ class Child:
 def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
     """Run everything until interrupted; returns the exit code."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    logs.configure(settings.log_level, os.environ.get("RAY_EXECUTOR_LOG_FORMAT", "text"))
     started: List[servers.Server] = []
     children: List[Child] = []
     stop = threading.Event()
@@ -79,10 +80,11 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         cli = str(Path(sys.executable).parent / "ray-executor")
         children.append(Child("bridge", [cli, "bridge"], env))
         servers.wait_for_port(settings.grpc_port, 30, children[-1].process)
+        worker_metrics = servers.free_port()  # the bridge holds RAY_EXECUTOR_METRICS_PORT
         children.append(Child("worker", [worker_python, "-m", "actors"], dict(
-            env, RAY_EXECUTOR_METRICS_PORT=str(settings.metrics_port + 1))))
+            env, RAY_EXECUTOR_METRICS_PORT=str(worker_metrics))))
         children.append(Child("dashboard", [cli, "dashboard"], env))
-        _announce(settings, env, standin is not None)
+        _announce(settings, env, standin is not None, worker_metrics)
         while not stop.wait(0.5):
             for child in children:
                 if child.process.poll() is not None:
@@ -100,11 +102,13 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         print("stopped.", flush=True)
 
 
-def _announce(settings: Settings, env: Dict[str, str], standin: bool) -> None:
+def _announce(settings: Settings, env: Dict[str, str], standin: bool,
+              worker_metrics: int) -> None:
     rows = [
         ("gRPC (RayExecutorService)", f"{env['RAY_EXECUTOR_GRPC_HOST']}:{settings.grpc_port}"),
         ("dashboard", f"http://{settings.dashboard_host}:{settings.dashboard_port}/"),
         ("bridge metrics", f"http://127.0.0.1:{settings.metrics_port}/metrics"),
+        ("worker metrics", f"http://127.0.0.1:{worker_metrics}/metrics"),
         ("Redis", env["REDIS_URL"]),
         ("NATS JetStream", env["NATS_URL"]),
         ("Ray client", env["RAY_ADDRESS"]),

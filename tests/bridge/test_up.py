@@ -1,0 +1,62 @@
+"""The README's run command, driven as a user would: `ray-executor up`, then `submit --watch`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bridge import servers
+from tests.conftest import worker_python
+
+CLI = str(Path(sys.executable).parent / "ray-executor")
+
+
+@pytest.mark.slow
+def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("REDIS_URL", "NATS_URL", "RAY_ADDRESS", "VLLM_URL")}
+    grpc_port, dashboard_port = servers.free_port(), servers.free_port()
+    env.update(RAY_EXECUTOR_GRPC_PORT=str(grpc_port),
+               RAY_EXECUTOR_DASHBOARD_PORT=str(dashboard_port),
+               RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()),
+               RAY_EXECUTOR_WORKER_PROCESSES="1", RAY_EXECUTOR_WORKER_THREADS="16")
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([CLI, "up", "--worker-python", worker_python(),
+                           "--data-dir", str(tmp_path / "run")], env=env,
+                          stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                          start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "ray-executor is up" not in log.read_text():
+            assert up.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        for port in (grpc_port, dashboard_port):
+            servers.wait_for_port(port, 30)
+        submit = subprocess.run(
+            [CLI, "submit", "Design a cache for the planner", "--roles", "DEV,QA",
+             "--target", f"127.0.0.1:{grpc_port}", "--watch"],
+            env=env, capture_output=True, text=True, timeout=240)
+        assert submit.returncode == 0, submit.stdout + submit.stderr + log.read_text()[-3000:]
+        out = submit.stdout
+        assert out.startswith("submitted: delib-")
+        assert "agent_completed" in out and "completed: 2/2 agents completed" in out
+        assert "stand-in" in out  # the best proposal, from the stand-in LLM
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            code = up.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    assert "stopped." in log.read_text()
+    for port in (grpc_port, dashboard_port):
+        with pytest.raises(servers.ServerError):
+            servers.wait_for_port(port, 1)
