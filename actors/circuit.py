@@ -19,7 +19,9 @@ from dramatiq.middleware import SkipMessage
 
 from actors import metrics
 from actors.limits import endpoint_key
+from bridge.logs import message_context, redact
 from bridge.settings import Settings
+from bridge.state import connect_sync
 
 logger = logging.getLogger("ray_executor.circuit")
 
@@ -62,7 +64,7 @@ class CircuitBreaker(dramatiq.Middleware):
         self._failure: Any = None
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        self.redis = redis.Redis.from_url(self.settings.redis_url, decode_responses=True)
+        self.redis = connect_sync(self.settings.redis_url, decode_responses=True)
         self._allow = self.redis.register_script(_ALLOW)
         self._failure = self.redis.register_script(_FAILURE)
 
@@ -83,11 +85,13 @@ class CircuitBreaker(dramatiq.Middleware):
         if verdict == "open":
             delay = int(random.uniform(0.5, 1.0) * cooldown)
             broker.enqueue(message.copy(), delay=delay)
-            logger.info("circuit open for %s; job back in %d ms", endpoint_key(message), delay)
+            logger.info("circuit open for %s; job back in %d ms", redact(endpoint_key(message)),
+                        delay, extra=message_context(message))
             metrics.get().circuit_waits.inc()
             raise SkipMessage("circuit open")
         if verdict == "probe":
-            logger.info("circuit half-open for %s: probing", endpoint_key(message))
+            logger.info("circuit half-open for %s: probing", redact(endpoint_key(message)),
+                        extra=message_context(message))
 
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
                               result: Any = None, exception: Any = None) -> None:
@@ -107,7 +111,8 @@ class CircuitBreaker(dramatiq.Middleware):
                                                 message.message_id])
         if opened:
             metrics.get().circuit_open.inc()
-            logger.warning("circuit opened for %s after %s", endpoint_key(message), error_type)
+            logger.warning("circuit opened for %s after %s", redact(endpoint_key(message)),
+                           error_type, extra=message_context(message))
 
     def state(self, endpoint: str) -> str:
         """closed, open or half_open (a probe may go) for ``endpoint`` (``vllm_url|model``)."""

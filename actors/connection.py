@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Optional
 
+from bridge.logs import redact
+
 logger = logging.getLogger("ray_executor.ray")
 
 _MISMATCH = re.compile(
@@ -95,7 +97,7 @@ class RayConnection:
                 raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
             self._connected = True
             logger.info(
-                "connected to Ray at %s in %.2fs (Ray %s, Python %s)", self.address,
+                "connected to Ray at %s in %.2fs (Ray %s, Python %s)", redact(self.address),
                 time.monotonic() - started, ray.__version__, platform.python_version(),
             )
 
@@ -111,7 +113,8 @@ class RayConnection:
                 if attempt == attempts - 1:
                     raise
                 delay = min(max_delay, base_delay * 2**attempt) * random.uniform(0.5, 1.0)
-                logger.warning("Ray at %s unreachable; retrying in %.1fs", self.address, delay)
+                logger.warning("Ray at %s unreachable; retrying in %.1fs", redact(self.address),
+                               delay)
                 self.disconnect()
                 time.sleep(delay)
 

@@ -11,6 +11,12 @@ async Ray actor per kind and worker process, declared with the kind's Ray resour
 Ray actor is created per job and HTTP connections are reused — waits for it within the job's
 time limit (cancelling the Ray task when it passes or when the deliberation is cancelled),
 records the outcome and publishes it to NATS through the outbox.
+
+Tracing: the W3C ``traceparent`` the ingress put in the message options is the parent of an
+OpenTelemetry span ``ray_executor.agent_job`` around the attempt (the API only: without an SDK
+configured by the operator the span records nothing and the incoming context passes through);
+the span's context goes to the Ray job in ``metadata["traceparent"]`` and from there to vLLM
+as an HTTP header, and every log line of the attempt carries it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
+from opentelemetry import propagate, trace
 
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
@@ -31,6 +38,7 @@ from bridge import contract
 from bridge.contract import AgentJob
 
 logger = logging.getLogger("ray_executor.jobs")
+tracer = trace.get_tracer("ray_executor.jobs")
 
 JobFunction = Callable[[AgentJob], Awaitable[Dict[str, Any]]]
 # The job's own timeout cancels its Ray task; Dramatiq's TimeLimit is only a backstop past
@@ -102,8 +110,35 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
     """One attempt of one job (the body of every job kind's actor)."""
     message = CurrentMessage.get_current_message()
     retry = int(message.options.get("retries", 0)) if message else 0
+    traceparent = str(message.options.get("traceparent") or "") if message else ""
     log = {"deliberation_id": job.deliberation_id, "agent_id": job.agent_id,
            "task_id": job.task_id, "message_id": message.message_id if message else ""}
+    if traceparent:
+        log["traceparent"] = traceparent
+    attributes = {"ray_executor.deliberation_id": job.deliberation_id,
+                  "ray_executor.task_id": job.task_id, "ray_executor.agent_id": job.agent_id,
+                  "ray_executor.kind": kind.name, "ray_executor.attempt": retry + 1,
+                  "messaging.message.id": log["message_id"]}
+    with tracer.start_as_current_span(
+            "ray_executor.agent_job", context=propagate.extract({"traceparent": traceparent}),
+            kind=trace.SpanKind.CONSUMER, attributes=attributes):
+        _attempt(runtime, kind, job, retry, log)
+
+
+def _traced(job: AgentJob, traceparent: str) -> AgentJob:
+    """``job`` carrying the current span's trace context (else the message's ``traceparent``)
+    in its metadata, for the Ray side and vLLM."""
+    carrier: Dict[str, str] = {}
+    propagate.inject(carrier)
+    context = {key: carrier[key] for key in ("traceparent", "tracestate") if carrier.get(key)}
+    context.setdefault("traceparent", traceparent)
+    if not context["traceparent"]:
+        return job
+    return dataclasses.replace(job, metadata={**job.metadata, **context})
+
+
+def _attempt(runtime: WorkerRuntime, kind: JobKind, job: AgentJob, retry: int,
+             log: Dict[str, Any]) -> None:
     store = runtime.store
     assert store is not None
     verdict, attempt = runtime.run(store.start(job, retry))
@@ -114,8 +149,9 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
         return
     started = time.monotonic()
     try:
-        result = RayRunners.of(runtime).run(kind, job, is_cancelled=lambda: runtime.run(
-            store.is_cancelled(job.deliberation_id)))
+        result = RayRunners.of(runtime).run(
+            kind, _traced(job, log.get("traceparent", "")),
+            is_cancelled=lambda: runtime.run(store.is_cancelled(job.deliberation_id)))
     except Exception as exc:
         _failed(runtime, job, exc, attempt, retry, started, log)
         return

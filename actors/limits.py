@@ -21,7 +21,9 @@ import redis
 from dramatiq.middleware import SkipMessage
 
 from actors import metrics
+from bridge.logs import message_context, redact
 from bridge.settings import Settings
+from bridge.state import connect_sync
 
 logger = logging.getLogger("ray_executor.limits")
 
@@ -56,7 +58,7 @@ class ConcurrencyLimiter(dramatiq.Middleware):
     Actor options / per-message overrides (``message.options``):
       concurrency_limit: slots per endpoint (default ``RAY_EXECUTOR_VLLM_CONCURRENCY``).
       rate_limit: requests per window, 0 for none (default ``RAY_EXECUTOR_VLLM_RATE_LIMIT``).
-      limit_requeue_ms: most ms a refused job waits before it is tried again (default 500).
+      limit_requeue_ms: most ms a refused job waits before it is tried again (default 100).
     """
 
     actor_options = {"concurrency_limit", "rate_limit", "limit_requeue_ms"}
@@ -71,7 +73,7 @@ class ConcurrencyLimiter(dramatiq.Middleware):
         self._stop = threading.Event()
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        self.redis = redis.Redis.from_url(self.settings.redis_url)
+        self.redis = connect_sync(self.settings.redis_url)
         self._acquire = self.redis.register_script(_ACQUIRE)
         threading.Thread(target=self._renew, name="rx-limit-renew", daemon=True).start()
 
@@ -97,12 +99,13 @@ class ConcurrencyLimiter(dramatiq.Middleware):
             metrics.get().slots_in_use.inc()
             return
         metrics.get().limiter_waits.labels("rate" if got == -1 else "concurrency").inc()
-        wait = int(option("limit_requeue_ms", 500))
+        wait = int(option("limit_requeue_ms", 100))
         if got == -1:  # the rate window is used up: wait for the next one
             wait = max(wait, window_ms - now % window_ms)
         delay = int(random.uniform(0.5, 1.0) * wait)
         broker.enqueue(message.copy(), delay=delay)
-        logger.debug("no slot for %s on %s; back in %d ms", message.message_id, endpoint, delay)
+        logger.debug("no slot for %s on %s; back in %d ms", message.message_id, redact(endpoint),
+                     delay, extra=message_context(message))
         raise SkipMessage("no free slot")
 
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *,

@@ -113,6 +113,10 @@ class RayRunners:
             self._reset()
             raise RayLost(f"lost Ray while waiting: {exc}") from exc
 
+    def warm(self, kind: JobKind) -> None:
+        """Create the runner of ``kind`` now rather than on its first job."""
+        self._runner(kind)
+
     def _runner(self, kind: JobKind) -> Any:
         with self.lock:
             handle = self.handles.get(kind.name)

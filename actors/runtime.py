@@ -19,14 +19,13 @@ from typing import Any, Coroutine, List, Optional, TypeVar
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
-from redis.asyncio import Redis
 
 from actors import metrics
 from actors.connection import RayConnection
 from bridge.contract import Subjects
 from bridge.outbox import Outbox, attach_nats
 from bridge.settings import Settings
-from bridge.state import DeliberationStore
+from bridge.state import DeliberationStore, connect
 
 logger = logging.getLogger("ray_executor.runtime")
 T = TypeVar("T")
@@ -67,9 +66,23 @@ class WorkerRuntime(dramatiq.Middleware):
         self._threads.append(loop_thread)
         try:
             self.ray.ensure(attempts=3)
+            self._warm_runners()
         except ConnectionError as exc:  # jobs will retry the connection and back off
             logger.warning("Ray not reachable at boot: %s", exc)
         metrics.get().ray_connected.set(1 if self.ray.connected else 0)
+
+    def _warm_runners(self) -> None:
+        """Create this process's runners before it takes any job, so no job holds a
+        rate-limiter slot while a runner is being created (seconds on a busy cluster)."""
+        from actors.jobs import KINDS
+        from actors.runner import RayRunners
+
+        runners = RayRunners.of(self)
+        for kind in KINDS.values():
+            try:
+                runners.warm(kind)
+            except Exception as exc:  # the first job of the kind tries again
+                logger.warning("runner for %s not created at boot: %s", kind.name, exc)
 
     def before_process_stop(self, broker: dramatiq.Broker) -> None:
         self._stop.set()
@@ -97,7 +110,7 @@ class WorkerRuntime(dramatiq.Middleware):
 
     async def _serve(self, ready: threading.Event) -> None:
         self._async_stop = asyncio.Event()
-        redis = Redis.from_url(self.settings.redis_url, decode_responses=True)
+        redis = connect(self.settings.redis_url)
         self.store = DeliberationStore(redis, self.settings)
         self.outbox = Outbox(self.store, None, Subjects(self.settings))
         ready.set()

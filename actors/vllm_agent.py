@@ -294,12 +294,20 @@ def _error_message(body: bytes) -> str:
     return body[:200].decode("utf-8", "replace")
 
 
+def trace_headers(job: AgentJob) -> Dict[str, str]:
+    """The job's W3C trace context as HTTP headers (a value no header can carry is dropped)."""
+    values = {key: _meta(job, key).strip() for key in ("traceparent", "tracestate")}
+    return {key: value for key, value in values.items()
+            if value and value.isascii() and value.isprintable()}
+
+
 async def call_vllm(session: aiohttp.ClientSession, job: AgentJob, *, base_url: str,
                     timeout: float) -> Dict[str, Any]:
     """One chat completion for ``job``; the agent's result, or ``LLMError``.
 
     ``timeout`` (seconds, ≤ 0 for none) bounds the whole call, connecting included.
-    Cancelling the calling task closes the HTTP request.
+    Cancelling the calling task closes the HTTP request. The job's W3C trace context
+    (``metadata["traceparent"]``/``["tracestate"]``) goes to vLLM as HTTP headers.
     """
     if not base_url.strip():
         raise LLMError("no vLLM URL configured for this job", "invalid_request", False)
@@ -309,9 +317,11 @@ async def call_vllm(session: aiohttp.ClientSession, job: AgentJob, *, base_url: 
         payload["model"] = job.model
     url = chat_url(base_url)
     limit = aiohttp.ClientTimeout(total=timeout if timeout and timeout > 0 else None)
+    headers = trace_headers(job)
     started = time.monotonic()
     try:
-        async with session.post(url, json=payload, timeout=limit) as response:
+        async with session.post(url, json=payload, timeout=limit,
+                                headers=headers or None) as response:
             body = await response.read()
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"))

@@ -72,7 +72,7 @@ class Ingress:
             logger.info("deliberation %s submitted for task %s with %d agents",
                         deliberation_id, plan.record["task_id"], len(plan.jobs),
                         extra={"deliberation_id": deliberation_id,
-                               "task_id": plan.record["task_id"]})
+                               "task_id": plan.record["task_id"], **options})
             self._publish_later(contract.event_id(deliberation_id, "submitted"))
         return deliberation_id, created
 

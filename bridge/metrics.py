@@ -21,7 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bridge.contract import Keys
 from bridge.settings import Settings
-from bridge.state import queue_key
+from bridge.state import connect_sync, queue_key
 
 logger = logging.getLogger("ray_executor.metrics")
 
@@ -40,8 +40,7 @@ class QueueCollector:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True,
-                                          socket_timeout=2)
+        self.redis = connect_sync(settings.redis_url, decode_responses=True)
         self.keys = Keys(settings.key_prefix)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:

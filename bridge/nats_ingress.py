@@ -184,11 +184,12 @@ class NatsIngress:
     async def _handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         reply_to = _header(headers, "Reply-To")
+        traceparent = _header(headers, "traceparent")
+        log = {"traceparent": traceparent} if traceparent else {}
         try:
             try:
                 request = self._parse(msg.data or b"")
-                deliberation_id, created = await self._submit(msg, request,
-                                                              _header(headers, "traceparent"))
+                deliberation_id, created = await self._submit(msg, request, traceparent)
             except InvalidRequest as exc:
                 await self._refuse(msg, exc.field, exc.reason, reply_to)
                 return
@@ -196,20 +197,21 @@ class NatsIngress:
                 await self._retry(msg, str(exc), reply_to)
                 return
             except Exception as exc:  # a bug, not the producer's fault: bounded retries
-                logger.exception("handling stream message %s failed", _seq(msg))
+                logger.exception("handling stream message %s failed", _seq(msg), extra=log)
                 await self._retry(msg, f"internal error: {exc}", reply_to)
                 return
             self.counts["accepted" if created else "duplicate"] += 1
             logger.debug("stream message %s -> %s (%s)", _seq(msg), deliberation_id,
                          "new" if created else "existing",
-                         extra={"deliberation_id": deliberation_id})
+                         extra={**log, "deliberation_id": deliberation_id,
+                                "task_id": request.task_id})
             message = ("deliberation submitted" if created
                        else "already submitted: same task_id or idempotency key")
             await self._answer(reply_to, pb.ExecuteDeliberationResponse(
                 deliberation_id=deliberation_id, status="submitted", message=message))
             await msg.ack()
         except Exception as exc:  # NATS gone mid-answer: JetStream redelivers after ack_wait
-            logger.warning("stream message %s left unacked: %s", _seq(msg), exc)
+            logger.warning("stream message %s left unacked: %s", _seq(msg), exc, extra=log)
 
     def _parse(self, data: bytes) -> pb.ExecuteDeliberationRequest:
         limit = self.settings.max_request_bytes
@@ -234,7 +236,7 @@ class NatsIngress:
     async def _submit(self, msg: Msg, request: pb.ExecuteDeliberationRequest,
                       traceparent: str) -> Tuple[str, bool]:
         """``Ingress.submit``, telling JetStream we are still at it while it is slow."""
-        task = asyncio.ensure_future(self.ingress.submit(request, traceparent))
+        task = asyncio.ensure_future(self.ingress.submit(request, traceparent, source="nats"))
         waited = 0.0
         while True:
             try:

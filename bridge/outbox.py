@@ -25,6 +25,7 @@ from nats.js.errors import NotFoundError
 
 from bridge import contract
 from bridge.contract import Subjects
+from bridge.logs import redact
 from bridge.settings import Settings
 from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, StateUnavailable
 
@@ -108,16 +109,21 @@ class Outbox:
             await self._forget(event_id)
             return False
         subject, payload, headers = rendered
+        log = {"deliberation_id": entry["deliberation_id"], "task_id": payload.get("task_id") or ""}
+        if entry.get("agent_id"):
+            log["agent_id"] = entry["agent_id"]
+        if headers.get("traceparent"):
+            log["traceparent"] = headers["traceparent"]
         headers["Nats-Msg-Id"] = event_id
         try:
             ack = await self.js.publish(subject, json.dumps(payload).encode(), headers=headers,
                                         timeout=5)
         except Exception as exc:  # NATS down or slow: the entry stays for a later try
-            logger.warning("publish of %s to %s failed: %s", event_id, subject, exc)
+            logger.warning("publish of %s to %s failed: %s", event_id, subject, exc, extra=log)
             return False
         await self._forget(event_id)
         logger.debug("published %s to %s (seq %s%s)", event_id, subject, ack.seq,
-                     ", duplicate" if ack.duplicate else "")
+                     ", duplicate" if ack.duplicate else "", extra=log)
         return True
 
     async def _render(self, entry: Dict[str, Any]) -> Optional[tuple]:
@@ -140,10 +146,9 @@ class Outbox:
 
     async def _forget(self, event_id: str) -> None:
         keys = self.store.keys
-        async with self.store.redis.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.outbox, event_id)
-            pipe.zrem(keys.outbox_due, event_id)
-            await self.store.run_pipeline(pipe)
+        await self.store.pipelined(lambda pipe: (
+            pipe.hdel(keys.outbox, event_id), pipe.zrem(keys.outbox_due, event_id)),
+            transaction=True)
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
@@ -170,8 +175,8 @@ async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: async
             if settings.nats_create_streams:
                 await ensure_streams(js, outbox.subjects)
             outbox.js = js
-            logger.info("connected to NATS at %s", nc.connected_url.netloc
-                        if nc.connected_url else settings.nats_url)
+            logger.info("connected to NATS at %s", redact(
+                nc.connected_url.geturl() if nc.connected_url else settings.nats_url))
             if on_connected is not None:
                 await on_connected(nc)
             return nc

@@ -11,8 +11,6 @@ import asyncio
 import logging
 from typing import Callable, List, Optional
 
-from redis.asyncio import Redis
-
 from bridge.contract import Subjects
 from bridge.grpc_server import build_server, mark_serving
 from bridge.ingress import Ingress
@@ -20,7 +18,7 @@ from bridge.metrics import serve as serve_metrics
 from bridge.nats_ingress import NatsIngress
 from bridge.outbox import Outbox, attach_nats
 from bridge.settings import Settings
-from bridge.state import DeliberationStore
+from bridge.state import DeliberationStore, connect
 
 logger = logging.getLogger("ray_executor.bridge")
 
@@ -30,7 +28,7 @@ async def run(settings: Settings, stop: asyncio.Event,
     """Serve until ``stop`` is set. ``on_ready`` gets the bound gRPC port."""
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is required for the bridge (or use `ray-executor up`)")
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, health_check_interval=30)
+    redis = connect(settings.redis_url)
     store = DeliberationStore(redis, settings)
     outbox = Outbox(store, None, Subjects(settings))
     ingress = Ingress(store, settings, outbox)

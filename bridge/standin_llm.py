@@ -4,7 +4,8 @@ Used by the tests, the benchmarks and the embedded run command. Every answer say
 that it comes from a stand-in. What it does (latency, HTTP errors, hanging, garbage, resets)
 is set at start and changed at run time with ``POST /control``, so tests can make it misbehave
 on purpose; ``GET /stats`` counts what it saw, including requests whose client went away
-before the answer (``cancelled``: how a test proves a Ray task really closed its request).
+before the answer (``cancelled``: how a test proves a Ray task really closed its request),
+and lists the W3C ``traceparent`` headers of the last chat requests (``traceparents``).
 
 Endpoints: ``POST /v1/chat/completions``; ``GET /v1/models``, ``/health``, ``/stats``,
 ``/control``; ``POST /control`` (JSON, any subset of the behaviour fields) and
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import http
@@ -41,7 +43,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 logger = logging.getLogger("ray_executor.standin_llm")
 
@@ -52,6 +54,7 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 _READ_SIZE = 64 * 1024
 _BACKLOG = 4096
+_TRACEPARENTS_KEPT = 256
 _FAULTS = ("status", "hang", "garbage", "reset")
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                 403: "permission_error", 404: "not_found_error", 405: "invalid_request_error",
@@ -370,6 +373,7 @@ class StandinLLM:
                               "fail_count": fail_count})
         self.behaviour = dataclasses.replace(self._initial)
         self.counters = Stats()
+        self.traceparents: Deque[str] = collections.deque(maxlen=_TRACEPARENTS_KEPT)
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -419,6 +423,7 @@ class StandinLLM:
         self.behaviour = dataclasses.replace(self._initial)
         in_flight = self.counters.in_flight
         self.counters = Stats(in_flight=in_flight, peak_in_flight=in_flight)
+        self.traceparents.clear()
 
     def stats(self) -> Dict[str, int]:
         return dataclasses.asdict(self.counters)
@@ -468,6 +473,8 @@ class StandinLLM:
             return False
         keep_alive = _keep_alive(version, headers)
         if path == "/v1/chat/completions" and method == "POST":
+            if headers.get("traceparent"):
+                self.traceparents.append(headers["traceparent"])
             return await self._chat(conn, body, keep_alive) and keep_alive
         status, value = self._route(method, path, body)
         sent = await conn.send_json(status, value, keep_alive=keep_alive)
@@ -479,7 +486,8 @@ class StandinLLM:
             ("GET", "/health"): lambda: {"status": "ok"},
             ("GET", "/v1/models"): lambda: {"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": 0, "owned_by": "standin"}]},
-            ("GET", "/stats"): self.stats,
+            ("GET", "/stats"): lambda: {**self.stats(),
+                                        "traceparents": list(self.traceparents)},
             ("GET", "/control"): lambda: dataclasses.asdict(self.behaviour),
             ("POST", "/control"): lambda: self._control_request(body),
             ("POST", "/control/reset"): self._reset_request,
@@ -612,6 +620,10 @@ class StandinThread:
 
     def stats(self) -> Dict[str, int]:
         return self._call(self.server.stats)  # type: ignore[no-any-return]
+
+    def traceparents(self) -> List[str]:
+        """``traceparent`` headers of the last chat requests, oldest first."""
+        return self._call(lambda: list(self.server.traceparents))  # type: ignore[no-any-return]
 
     def stop(self, timeout: float = 15.0) -> None:
         if not self._thread.is_alive():

@@ -18,14 +18,19 @@ process's event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
 
 import dramatiq
+import redis
 from dramatiq.common import dq_name, xq_name
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from bridge import contract
 from bridge.contract import AgentJob, Keys
@@ -34,6 +39,25 @@ from bridge.settings import Settings
 DRAMATIQ_NAMESPACE = "dramatiq"
 OUTBOX_LEASE_MS = 5000  # the writer publishes at once; others take over after this
 _LUA = Path(__file__).parent / "lua"
+
+
+# A Redis restart closes every pooled connection: retry a command a few times on a fresh one
+# (each script here is atomic and safe to repeat) before calling Redis unavailable.
+_RETRY_ON = [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+
+
+def connect(url: str) -> Redis:
+    """The asyncio Redis client of a bridge or worker process."""
+    return Redis.from_url(url, decode_responses=True, health_check_interval=30,
+                          retry=AsyncRetry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                          retry_on_error=_RETRY_ON)
+
+
+def connect_sync(url: str, *, decode_responses: bool = False) -> redis.Redis:
+    """A blocking Redis client with the same retry policy (worker middleware, metrics)."""
+    return redis.Redis.from_url(url, decode_responses=decode_responses, health_check_interval=30,
+                                retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 3),
+                                retry_on_error=_RETRY_ON, socket_timeout=10)
 
 
 class StateUnavailable(ConnectionError):
@@ -123,10 +147,9 @@ class DeliberationStore:
 
     async def get(self, deliberation_id: str) -> Optional[Tuple[Dict[str, str], List[Dict]]]:
         """The deliberation record and its agents (by index), or None."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.deliberation(deliberation_id))
-            pipe.hvals(self.keys.agents(deliberation_id))
-            record, agents = await self.run_pipeline(pipe)
+        record, agents = await self.pipelined(lambda pipe: (
+            pipe.hgetall(self.keys.deliberation(deliberation_id)),
+            pipe.hvals(self.keys.agents(deliberation_id))))
         if not record:
             return None
         decoded = sorted((json.loads(a) for a in agents), key=lambda a: a.get("index", 0))
@@ -147,13 +170,10 @@ class DeliberationStore:
 
     async def stats(self) -> Dict[str, int]:
         queue = queue_key(self.settings.queue)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(self.keys.stats)
-            pipe.zcard(self.keys.active)
-            pipe.llen(queue)
-            pipe.llen(queue_key(dq_name(self.settings.queue)))
-            pipe.zcard(queue_key(xq_name(self.settings.queue)))
-            counters, active, ready, delayed, dead = await self.run_pipeline(pipe)
+        counters, active, ready, delayed, dead = await self.pipelined(lambda pipe: (
+            pipe.hgetall(self.keys.stats), pipe.zcard(self.keys.active), pipe.llen(queue),
+            pipe.llen(queue_key(dq_name(self.settings.queue))),
+            pipe.zcard(queue_key(xq_name(self.settings.queue)))))
         counts = {k: int(v) for k, v in counters.items()}
         counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
         return counts
@@ -221,8 +241,18 @@ class DeliberationStore:
     async def _call(self, script: Any, keys: List[str], args: List[Any]) -> Any:
         return await self.guard(script(keys=keys, args=args))
 
-    async def run_pipeline(self, pipe: Any) -> Any:
-        return await self.guard(pipe.execute())
+    async def pipelined(self, build: Callable[[Any], Any], transaction: bool = False) -> Any:
+        """Run the commands ``build`` queues on a pipeline. redis-py does not retry pipelines
+        on a dropped connection, so this does (every pipeline here is safe to repeat)."""
+        for attempt in range(3):
+            try:
+                async with self.redis.pipeline(transaction=transaction) as pipe:
+                    build(pipe)
+                    return await pipe.execute()
+            except tuple(_RETRY_ON) as exc:
+                if attempt == 2:
+                    raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+                await asyncio.sleep(0.05 * 2**attempt)
 
     async def guard(self, awaitable: Any) -> Any:
         from redis.exceptions import ConnectionError as RedisConnectionError

@@ -109,9 +109,9 @@ def run(settings: Settings, coroutine_factory: Any) -> Any:
     return asyncio.run(main())
 
 
-async def submit(store: DeliberationStore, jobs: List[AgentJob]) -> str:
+async def submit(store: DeliberationStore, jobs: List[AgentJob], **options: Any) -> str:
     deliberation_id = jobs[0].deliberation_id
-    await store.submit(deliberation_id, {"id": deliberation_id, "task_id": "t"}, jobs)
+    await store.submit(deliberation_id, {"id": deliberation_id, "task_id": "t"}, jobs, options)
     return deliberation_id
 
 
@@ -131,10 +131,20 @@ def base(redis_url: str, nats_url: str, ray_address: str) -> Any:
     return lambda **extra: make_settings(redis_url, nats_url, ray_address, **extra)
 
 
+@pytest.fixture(scope="module")
+def shared(redis_url: str, nats_url: str, ray_address: str,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """One worker group for the tests that need no settings of their own (each test talks to
+    its own stand-in, so their endpoints, limits and circuits are apart)."""
+    settings = make_settings(redis_url, nats_url, ray_address)
+    workers = Workers(settings, tmp_path_factory.mktemp("shared") / "workers.log")
+    yield settings
+    workers.stop()
+
+
 def test_429_storm_backs_off_honours_retry_after_and_completes(
-        base: Any, standin: Standin, start_workers: Any) -> None:
-    settings = base()
-    start_workers(settings)
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
     standin.control(status=429, fail_count=6, retry_after=1)
 
     async def scenario(store: DeliberationStore) -> Any:
@@ -149,10 +159,9 @@ def test_429_storm_backs_off_honours_retry_after_and_completes(
     assert elapsed >= 2.0  # each agent waited Retry-After (1 s) at least twice
 
 
-def test_503_then_recovery_and_400_is_not_retried(base: Any, standin: Standin,
-                                                   start_workers: Any) -> None:
-    settings = base()
-    start_workers(settings)
+def test_503_then_recovery_and_400_is_not_retried(
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
     standin.control(status=503, fail_count=2)
 
     async def recovering(store: DeliberationStore) -> Any:
@@ -174,9 +183,8 @@ def test_503_then_recovery_and_400_is_not_retried(base: Any, standin: Standin,
 
 
 def test_a_hung_call_times_out_and_its_ray_task_is_cancelled(
-        base: Any, standin: Standin, start_workers: Any) -> None:
-    settings = base()
-    start_workers(settings)
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
     standin.control(hang=True)
 
     async def scenario(store: DeliberationStore) -> Any:
@@ -194,9 +202,8 @@ def test_a_hung_call_times_out_and_its_ray_task_is_cancelled(
 
 
 def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
-        base: Any, standin: Standin, start_workers: Any) -> None:
-    settings = base()
-    start_workers(settings)
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
     standin.control(latency=60)
 
     async def scenario(store: DeliberationStore) -> Any:
@@ -218,16 +225,16 @@ def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
 
 
 def test_the_circuit_opens_on_failures_and_closes_on_recovery(
-        base: Any, standin: Standin, start_workers: Any) -> None:
-    settings = base(RAY_EXECUTOR_CIRCUIT_FAILURES="3", RAY_EXECUTOR_CIRCUIT_COOLDOWN="3")
-    start_workers(settings)
+        shared: Settings, standin: Standin) -> None:
+    settings = shared  # the threshold and cooldown come as per-message overrides
     standin.control(status=503, fail_count=-1)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     circuit = f"{settings.key_prefix}:circuit:{standin.url}|standin-model"
 
     async def scenario(store: DeliberationStore) -> Any:
         did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 4, standin.url,
-                                             retries=20))
+                                             retries=20), circuit_failures=3,
+                           circuit_cooldown=3)
         deadline = time.monotonic() + 60
         while not client.hget(circuit, "opened_until"):
             assert time.monotonic() < deadline, "the circuit never opened"
@@ -249,19 +256,26 @@ def test_the_concurrency_limit_holds_across_four_processes(
     limit = 6
     settings = base(RAY_EXECUTOR_VLLM_CONCURRENCY=str(limit),
                     RAY_EXECUTOR_WORKER_PROCESSES="4", RAY_EXECUTOR_WORKER_THREADS="8")
-    start_workers(settings)
-    standin.control(latency=1.0)
+    standin.control(latency=2.0)
     samples: List[int] = []
     done = threading.Event()
+    workers = start_workers(settings)
 
-    def sample() -> None:
+    def sample(agents_key: str) -> None:
+        client = redis.Redis.from_url(settings.redis_url)
         while not done.wait(0.1):
-            samples.append(standin.stats()["in_flight"])
+            waiting = sum(json.loads(a)["status"] == "queued" for a in client.hvals(agents_key))
+            in_flight = standin.stats()["in_flight"]
+            if waiting and (samples or in_flight):  # from the first call, while work waits
+                samples.append(in_flight)
 
     async def scenario(store: DeliberationStore) -> Any:
-        await asyncio.sleep(8)  # let the four processes connect to Ray
+        deadline = time.monotonic() + 120
+        while workers.log.read_text().count("Worker process is ready") < 4:
+            assert time.monotonic() < deadline, "the four worker processes did not start"
+            await asyncio.sleep(0.5)
         did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 48, standin.url))
-        sampler = threading.Thread(target=sample)
+        sampler = threading.Thread(target=sample, args=(store.keys.agents(did),))
         sampler.start()
         try:
             return await wait_final(store, did, timeout=180)
@@ -273,7 +287,6 @@ def test_the_concurrency_limit_holds_across_four_processes(
     assert record["status"] == "completed"
     stats = standin.stats()
     assert stats["peak_in_flight"] <= limit, stats
-    busy = samples[len(samples) // 10: -len(samples) // 4]  # while work was still queued
-    utilisation = sum(busy) / len(busy) / limit
+    utilisation = sum(samples) / len(samples) / limit
     print(f"peak {stats['peak_in_flight']}/{limit}, utilisation {utilisation:.2f}")
     assert utilisation >= 0.9, samples
