@@ -13,6 +13,7 @@ import logging
 import platform
 import random
 import re
+import signal
 import threading
 import time
 from typing import Optional
@@ -81,6 +82,9 @@ class RayConnection:
             if self.connected:
                 return
             started = time.monotonic()
+            # ray.init installs a SIGTERM handler that exits at once; the process's own
+            # (Dramatiq's graceful shutdown) must stay in charge.
+            on_sigterm = signal.getsignal(signal.SIGTERM)
             try:
                 ray.init(
                     self.address,
@@ -95,6 +99,10 @@ class RayConnection:
                 raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
             except ConnectionError as exc:
                 raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
+            finally:
+                main = threading.current_thread() is threading.main_thread()
+                if main and on_sigterm is not None:
+                    signal.signal(signal.SIGTERM, on_sigterm)
             self._connected = True
             logger.info(
                 "connected to Ray at %s in %.2fs (Ray %s, Python %s)", redact(self.address),

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional
 
 import nats
@@ -153,9 +154,12 @@ class Outbox:
 
 async def connect_nats(settings: Settings, name: str) -> NATS:
     """A NATS connection that keeps reconnecting for as long as the process lives."""
+    tls = ssl.create_default_context(cafile=settings.nats_tls_ca) if settings.nats_tls_ca \
+        else None
     return await nats.connect(
         servers=[s.strip() for s in settings.nats_url.split(",") if s.strip()],
         name=name, max_reconnect_attempts=-1, reconnect_time_wait=1, connect_timeout=5,
+        tls=tls,
     )
 
 

@@ -210,6 +210,12 @@ class Settings:
         "orchestration.deliberation",
         "Subject prefix of deliberation events.",
     )
+    nats_tls_ca: str = _setting(
+        PREFIX + "NATS_TLS_CA",
+        "",
+        "Path of a CA bundle to verify NATS's TLS certificate (use a tls:// URL); empty: the "
+        "system's CAs for tls:// URLs.",
+    )
     nats_ingress: bool = _setting(
         PREFIX + "NATS_INGRESS", True, "Run the NATS ingress consumer in the bridge."
     )

@@ -62,8 +62,8 @@ def test_redis_password_is_required(start_bridge: Any, tmp_path: Path) -> None:
     try:
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=server.port, password="wrong").ping()
-        with pytest.raises(redis.exceptions.ResponseError):  # NOAUTH
-            redis.Redis(port=server.port).set("k", "v")
+        with pytest.raises((redis.AuthenticationError, redis.exceptions.ResponseError)):
+            redis.Redis(port=server.port).set("k", "v")  # no password at all
         wrong = start_bridge(REDIS_URL=f"redis://:wrong@127.0.0.1:{server.port}/0")
         with pytest.raises(grpc.RpcError) as caught:
             wrong.stub().ExecuteDeliberation(request(agents=1))
@@ -76,5 +76,34 @@ def test_redis_password_is_required(start_bridge: Any, tmp_path: Path) -> None:
             assert json.loads(raw)["actor_name"] == "vllm_agent"
         for bridge in (wrong, right):
             assert "r3dis-secret" not in bridge.log.read_text()
+    finally:
+        server.stop()
+
+
+def test_nats_over_tls_needs_the_ca(start_bridge: Any, tmp_path: Path) -> None:
+    from tests.bridge.test_grpc_security import make_pki
+
+    pki = make_pki(tmp_path)
+    server = servers.nats(tmp_path, extra_args=[
+        "--tls", "--tlscert", pki["server.pem"], "--tlskey", pki["server.key"],
+        "--user", "rx", "--pass", "tls-secret"]).start()
+    url = f"tls://rx:tls-secret@127.0.0.1:{server.port}"
+    try:
+        async def connect(**options: Any) -> None:
+            nc = await nats.connect(url, connect_timeout=3, allow_reconnect=False, **options)
+            await nc.close()
+
+        with pytest.raises((OSError, nats.errors.Error)):  # the private CA is not trusted
+            asyncio.run(connect())
+        import ssl
+
+        asyncio.run(connect(tls=ssl.create_default_context(cafile=pki["ca.pem"])))
+        bridge = start_bridge(NATS_URL=url, RAY_EXECUTOR_NATS_TLS_CA=pki["ca.pem"])
+        bridge.stub().ExecuteDeliberation(request(agents=1))
+        deadline = time.monotonic() + 20
+        while "connected to NATS" not in bridge.log.read_text():
+            assert time.monotonic() < deadline, bridge.log.read_text()[-2000:]
+            time.sleep(0.2)
+        assert "tls-secret" not in bridge.log.read_text()
     finally:
         server.stop()

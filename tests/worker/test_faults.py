@@ -190,3 +190,41 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
         ids_seen += msg_ids
     print(f"SIGKILL x2: 200 jobs, all completed {done:.1f}s after the last restart; "
           f"{len(ids_seen)} events, each once")
+
+
+def test_sigterm_drains_running_jobs_and_requeues_the_rest(
+        redis_url: str, nats_url: str, ray_address: str, tmp_path: Path) -> None:
+    """A worker stopped under load finishes what it runs; what it only held goes back."""
+    settings = fault_settings(redis_url, nats_url, ray_address).replace(worker_threads=4)
+    workers = start_workers(settings, tmp_path / "workers-0.log")
+
+    async def scenario() -> Tuple[List[str], int]:
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        store = DeliberationStore(redis, settings)
+        ids = await submit_many(store, 6, 2, sleep="3")  # 12 jobs, 4 threads: 8 must wait
+        deadline = time.monotonic() + 90
+        while True:
+            agents = [a for did in ids for a in (await store.get(did))[1]]  # type: ignore[index]
+            if sum(a["status"] == "running" for a in agents) >= 4:
+                break
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        workers.send_signal(15)  # to Dramatiq's main process, as Kubernetes does to PID 1
+        code = await asyncio.get_running_loop().run_in_executor(None, workers.wait, 60)
+        agents = [a for did in ids for a in (await store.get(did))[1]]  # type: ignore[index]
+        assert not [a for a in agents if a["status"] == "running"], "half-done jobs"
+        finished = sum(a["status"] == "completed" for a in agents)
+        assert finished >= 4, agents  # the running ones finished before the exit
+        successor = start_workers(settings, tmp_path / "workers-1.log")  # the rest went back
+        try:
+            await until_final(store, ids, timeout=120)
+        finally:
+            stop(successor)
+            await redis.close()
+        return ids, code
+
+    ids, code = asyncio.run(scenario())
+    assert code == 0
+    for did in ids:
+        msg_ids = [m.headers["Nats-Msg-Id"] for m in asyncio.run(published(nats_url, did, 0.2))]
+        assert len(msg_ids) == len(set(msg_ids)) == 4, msg_ids
