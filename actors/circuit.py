@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Optional
+from typing import Any, Optional, Set
 
 import dramatiq
 import redis
@@ -29,6 +29,7 @@ SERVER_SIDE = {"rate_limited", "unavailable", "server_error", "timeout", "connec
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 _ALLOW = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 'clean' end
 local opened_until = tonumber(redis.call('HGET', KEYS[1], 'opened_until') or 0)
 if opened_until == 0 then return 'closed' end
 if tonumber(ARGV[1]) < opened_until then return 'open' end
@@ -62,6 +63,9 @@ class CircuitBreaker(dramatiq.Middleware):
         self.redis: Optional[redis.Redis] = None
         self._allow: Any = None
         self._failure: Any = None
+        # Messages that found failures recorded for their endpoint: only their success needs
+        # to reset the count (a Redis round trip saved on every other job).
+        self._dirty: Set[str] = set()
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         self.redis = connect_sync(self.settings.redis_url, decode_responses=True)
@@ -89,18 +93,22 @@ class CircuitBreaker(dramatiq.Middleware):
                         delay, extra=message_context(message))
             metrics.get().circuit_waits.inc()
             raise SkipMessage("circuit open")
+        if verdict != "clean":
+            self._dirty.add(message.message_id)
         if verdict == "probe":
             logger.info("circuit half-open for %s: probing", redact(endpoint_key(message)),
                         extra=message_context(message))
 
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
                               result: Any = None, exception: Any = None) -> None:
+        dirty = message.message_id in self._dirty
+        self._dirty.discard(message.message_id)
         if self.redis is None:
             return
         keys = self._keys(message)
         error_type = getattr(exception, "error_type", "") if exception is not None else ""
         if exception is None or error_type not in SERVER_SIDE:
-            if exception is None:
+            if exception is None and dirty:
                 self.redis.delete(*keys)  # a success closes the circuit
             return
         actor = broker.get_actor(message.actor_name)
@@ -113,6 +121,9 @@ class CircuitBreaker(dramatiq.Middleware):
             metrics.get().circuit_open.inc()
             logger.warning("circuit opened for %s after %s", redact(endpoint_key(message)),
                            error_type, extra=message_context(message))
+
+    def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        self._dirty.discard(message.message_id)  # refused later (e.g. by the limiter)
 
     def state(self, endpoint: str) -> str:
         """closed, open or half_open (a probe may go) for ``endpoint`` (``vllm_url|model``)."""

@@ -9,10 +9,11 @@ cluster, which closes its HTTP request.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict
 
 from actors.connection import RayUnavailable
 from bridge.contract import AgentJob
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from actors.runtime import WorkerRuntime
 
 logger = logging.getLogger("ray_executor.runner")
+CANCEL_POLL = 2.0  # seconds between checks that the job's deliberation was not cancelled
 
 
 class JobTimeout(Exception):
@@ -77,41 +79,54 @@ class RayRunners:
         with cls._lock:
             return cls._instances.setdefault(id(runtime), cls(runtime))
 
-    def run(self, kind: JobKind, job: AgentJob, is_cancelled: Callable[[], bool]) -> Dict:
-        """Run ``job`` on the cluster; raises the job's own error, ``JobTimeout``,
-        ``JobCancelled`` or ``RayLost``."""
-        import ray
-        from ray.exceptions import GetTimeoutError, RayError, RayTaskError
+    async def run(self, kind: JobKind, job: AgentJob,
+                  is_cancelled: Callable[[], Awaitable[bool]]) -> Dict:
+        """Run ``job`` on the cluster, awaiting its result on the process's event loop.
 
+        Raises the job's own error, ``JobTimeout``, ``JobCancelled`` or ``RayLost``.
+        """
+        import ray
+        from ray.exceptions import RayError, RayTaskError
+
+        loop = asyncio.get_running_loop()
         try:
-            ref = self._runner(kind).run.remote(job)
+            handle = self.handles.get(kind.name)
+            if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
+                handle = await loop.run_in_executor(None, self._runner, kind)
+            ref = handle.run.remote(job)
         except (ConnectionError, RayUnavailable, RayError) as exc:
             self._reset()
             raise RayLost(f"cannot submit to Ray: {exc}") from exc
-        deadline = time.monotonic() + job.timeout_seconds
+        result = asyncio.wrap_future(ref.future())
+        deadline = loop.time() + job.timeout_seconds
         try:
             while True:
-                remaining = deadline - time.monotonic()
+                remaining = deadline - loop.time()
                 if remaining <= 0:
                     ray.cancel(ref)
                     raise JobTimeout(f"no answer within {job.timeout_seconds}s; Ray task cancelled")
-                try:
-                    return ray.get(ref, timeout=min(remaining, 2.0))  # type: ignore[no-any-return]
-                except GetTimeoutError:
-                    if is_cancelled():
-                        ray.cancel(ref)
-                        raise JobCancelled("deliberation cancelled") from None
+                done, _ = await asyncio.wait({result}, timeout=min(remaining, CANCEL_POLL))
+                if done:
+                    return result.result()  # type: ignore[no-any-return]
+                if await is_cancelled():
+                    ray.cancel(ref)
+                    raise JobCancelled("deliberation cancelled")
         except RayTaskError as exc:  # the job's own exception, raised on the cluster
             cause = getattr(exc, "cause", None)
             if cause is not None and hasattr(cause, "error_type"):
                 raise cause from None
             raise JobError(f"{type(cause).__name__}: {cause}" if cause else str(exc)) from None
+        except (JobTimeout, JobCancelled):
+            raise
         except RayError as exc:  # the runner, its worker or its node died
             self._forget(kind)
             raise RayLost(f"lost the job on Ray: {exc}") from exc
-        except ConnectionError as exc:
+        except Exception as exc:  # the client's channel broke (gRPC or connection errors)
             self._reset()
-            raise RayLost(f"lost Ray while waiting: {exc}") from exc
+            raise RayLost(f"lost Ray while waiting: {type(exc).__name__}: {exc}") from exc
+        finally:
+            if not result.done():  # timed out or cancelled: nobody will read its outcome
+                result.cancel()
 
     def warm(self, kind: JobKind) -> None:
         """Create the runner of ``kind`` now rather than on its first job."""

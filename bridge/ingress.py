@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Optional, Set, Tuple
+from typing import Any, Awaitable, Dict, Optional, Set, Tuple
 
 from bridge import contract, validation
 from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
@@ -66,14 +66,14 @@ class Ingress:
         if traceparent:
             record["traceparent"] = traceparent
             options["traceparent"] = traceparent
-        deliberation_id, created = await self.store.submit(
+        deliberation_id, created, stored = await self.store.submit(
             plan.idempotency_key, record, plan.jobs, options)
         if created:
             logger.info("deliberation %s submitted for task %s with %d agents",
                         deliberation_id, plan.record["task_id"], len(plan.jobs),
                         extra={"deliberation_id": deliberation_id,
                                "task_id": plan.record["task_id"], **options})
-            self._publish_later(contract.event_id(deliberation_id, "submitted"))
+            self._publish_submitted(deliberation_id, stored, plan, traceparent)
         return deliberation_id, created
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
@@ -83,10 +83,25 @@ class Ingress:
             self._publish_later(contract.event_id(deliberation_id, contract.CANCELLED))
         return changed, status
 
-    def _publish_later(self, event_id: str) -> None:
+    def _publish_submitted(self, deliberation_id: str, stored: Dict[str, Any],
+                           plan: validation.Plan, traceparent: str) -> None:
+        """Publish ``submitted`` rendered from what is in hand (saves reading the state back);
+        the outbox entry the submit wrote stays the recovery path."""
         if self.outbox is None:
             return
-        task = asyncio.ensure_future(self.outbox.publish([event_id]))
+        agents = [{"agent_id": job.agent_id, "role": job.role} for job in plan.jobs]
+        self._track(self.outbox.publish_rendered(
+            contract.event_id(deliberation_id, "submitted"),
+            self.outbox.subjects.deliberation("submitted"),
+            contract.deliberation_submitted(stored, agents),
+            {"traceparent": traceparent} if traceparent else {}))
+
+    def _publish_later(self, event_id: str) -> None:
+        if self.outbox is not None:
+            self._track(self.outbox.publish([event_id]))
+
+    def _track(self, publish: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(publish)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -109,10 +109,17 @@ class Outbox:
         if rendered is None:  # the state expired: nothing left to say
             await self._forget(event_id)
             return False
-        subject, payload, headers = rendered
-        log = {"deliberation_id": entry["deliberation_id"], "task_id": payload.get("task_id") or ""}
-        if entry.get("agent_id"):
-            log["agent_id"] = entry["agent_id"]
+        return await self.publish_rendered(event_id, *rendered)
+
+    async def publish_rendered(self, event_id: str, subject: str, payload: Dict[str, Any],
+                               headers: Dict[str, str]) -> bool:
+        """Publish an entry whose payload the caller rendered from the state it just wrote."""
+        if self.js is None:
+            return False
+        log = {"deliberation_id": payload.get("deliberation_id") or "",
+               "task_id": payload.get("task_id") or ""}
+        if payload.get("agent_id"):
+            log["agent_id"] = payload["agent_id"]
         if headers.get("traceparent"):
             log["traceparent"] = headers["traceparent"]
         headers["Nats-Msg-Id"] = event_id
@@ -148,8 +155,7 @@ class Outbox:
     async def _forget(self, event_id: str) -> None:
         keys = self.store.keys
         await self.store.pipelined(lambda pipe: (
-            pipe.hdel(keys.outbox, event_id), pipe.zrem(keys.outbox_due, event_id)),
-            transaction=True)
+            pipe.hdel(keys.outbox, event_id), pipe.zrem(keys.outbox_due, event_id)))
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:

@@ -94,11 +94,12 @@ class DeliberationStore:
     # --- the bridge's side ---
 
     async def submit(self, idempotency_key: str, record: Dict[str, Any], jobs: List[AgentJob],
-                     options: Optional[Dict[str, Any]] = None) -> Tuple[str, bool]:
+                     options: Optional[Dict[str, Any]] = None
+                     ) -> Tuple[str, bool, Dict[str, Any]]:
         """Record a deliberation and enqueue one message per agent, atomically.
 
-        Returns ``(deliberation_id, created)``; ``created`` is False when the idempotency key
-        was already used, in which case nothing was written or enqueued.
+        Returns ``(deliberation_id, created, record as stored)``; ``created`` is False when
+        the idempotency key was already used, in which case nothing was written or enqueued.
         """
         deliberation_id = record["id"]
         now = contract.now_ms()
@@ -132,7 +133,7 @@ class DeliberationStore:
                 json.dumps(agents), _event("submitted", status=contract.QUEUED),
                 json.dumps(entry), now + OUTBOX_LEASE_MS, *messages]
         created, existing = await self._call(self._submit, keys, args)
-        return str(existing), bool(created)
+        return str(existing), bool(created), record
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
         """Cancel unless already ended: ``(cancelled_now, status after the call)``."""

@@ -376,8 +376,8 @@ def test_slow_enqueue_is_kept_in_progress_and_retries_are_bounded(
     calls: List[str] = []
 
     class SlowOrDown:
-        async def submit(self, req: pb.ExecuteDeliberationRequest,
-                         traceparent: str = "") -> Tuple[str, bool]:
+        async def submit(self, req: pb.ExecuteDeliberationRequest, traceparent: str = "",
+                         source: str = "grpc") -> Tuple[str, bool]:
             calls.append(req.task_id)
             if req.task_id == "down":
                 raise StateUnavailable("Redis unavailable: test")

@@ -96,8 +96,15 @@ def test_a_job_kind_runs_on_ray_and_finishes_its_deliberation(settings: Settings
     # Every worker process's samples are served from one port (multiprocess mode).
     import urllib.request
 
-    scraped = urllib.request.urlopen(
-        f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
+    deadline = time.monotonic() + 30  # Dramatiq starts its exposition process on its own
+    while True:
+        try:
+            scraped = urllib.request.urlopen(
+                f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "no /metrics on the worker's port"
+            time.sleep(0.5)
     assert 'ray_executor_agent_jobs_total{kind="echo_test",outcome="completed"} 3.0' in scraped
     assert "dramatiq_messages_total" in scraped and "ray_executor_ray_connected" in scraped
 

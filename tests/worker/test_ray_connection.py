@@ -17,7 +17,9 @@ def test_connects_and_runs_a_remote_function(ray_address: str) -> None:
     import ray
 
     connection = RayConnection(ray_address)
-    connection.connect()
+    # ensure(): connect with retries, as workers do (a Ray head hands each client a server on
+    # a port from a machine-wide range, which another head on this machine may take first).
+    connection.ensure()
     try:
         assert connection.connected
 

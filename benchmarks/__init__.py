@@ -1,0 +1,13 @@
+"""Benchmarks of ray-executor against the bare tools it is built from, side by side in one run.
+
+``make bench`` (``python -m benchmarks`` in the bridge environment) starts valkey, NATS with
+JetStream and a Ray head on loopback, runs every benchmark and writes ``results.json`` and
+``results.md`` here. Parts that need Ray run in the worker environment (Python 3.9 + Ray) as
+subprocesses (``benchmarks/ray_direct.py`` and the real worker, ``python -m actors``).
+
+    python -m benchmarks                      # everything (about 10 minutes on 2 cores)
+    python -m benchmarks --only inflight      # one benchmark (repeat --only for more)
+    python -m benchmarks --quick              # smaller counts, shorter runs
+
+Never part of the test suite.
+"""
