@@ -26,7 +26,6 @@ from bridge.state import connect_sync
 logger = logging.getLogger("ray_executor.circuit")
 
 SERVER_SIDE = {"rate_limited", "unavailable", "server_error", "timeout", "connection"}
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 _ALLOW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'clean' end
@@ -124,11 +123,3 @@ class CircuitBreaker(dramatiq.Middleware):
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         self._dirty.discard(message.message_id)  # refused later (e.g. by the limiter)
-
-    def state(self, endpoint: str) -> str:
-        """closed, open or half_open (a probe may go) for ``endpoint`` (``vllm_url|model``)."""
-        assert self.redis is not None
-        opened_until = int(self.redis.hget(f"{self.prefix}:{endpoint}", "opened_until") or 0)
-        if not opened_until:
-            return CLOSED
-        return OPEN if time.time() * 1000 < opened_until else HALF_OPEN

@@ -16,7 +16,6 @@ import re
 import signal
 import threading
 import time
-from typing import Optional
 
 from bridge.logs import redact
 
@@ -135,16 +134,3 @@ class RayConnection:
                 ray.shutdown()
             except Exception:  # a half-open client may fail to shut down; it is gone anyway
                 logger.debug("ray.shutdown failed", exc_info=True)
-
-
-_current: Optional[RayConnection] = None
-
-
-def current() -> Optional[RayConnection]:
-    """The connection opened in this process by the worker middleware, if any."""
-    return _current
-
-
-def set_current(connection: Optional[RayConnection]) -> None:
-    global _current
-    _current = connection

@@ -115,13 +115,6 @@ class ConcurrencyLimiter(dramatiq.Middleware):
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
         self._release(message.message_id)
 
-    def in_use(self, endpoint: str) -> int:
-        """Slots held now on ``endpoint`` (``vllm_url|model``)."""
-        assert self.redis is not None
-        slots = f"{self.prefix}:{endpoint}:slots"
-        self.redis.zremrangebyscore(slots, "-inf", int(time.time() * 1000))
-        return int(self.redis.zcard(slots))
-
     def _release(self, message_id: str) -> None:
         with self._lock:
             held = self._held.pop(message_id, None)

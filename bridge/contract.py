@@ -74,10 +74,6 @@ class AgentJob:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in data.items() if key in names})
 
-    @property
-    def job_id(self) -> str:
-        return f"{self.deliberation_id}:{self.agent_id}"
-
 
 class Keys:
     """Redis keys of the deliberation state, under ``settings.key_prefix``."""

@@ -119,11 +119,6 @@ class Server:
         self.stop()
         return self.start(timeout)
 
-    def kill(self) -> None:
-        if self.process is not None:
-            _signal_group(self.process, signal.SIGKILL)
-            self.process.wait()
-
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
