@@ -32,7 +32,7 @@ from opentelemetry import propagate, trace
 
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
-from actors.runner import RayRunners
+from actors.runner import RayLost, RayRunners
 from actors.runtime import WorkerRuntime
 from bridge import contract
 from bridge.contract import AgentJob
@@ -44,6 +44,9 @@ JobFunction = Callable[[AgentJob], Awaitable[Dict[str, Any]]]
 # The job's own timeout cancels its Ray task; Dramatiq's TimeLimit is only a backstop past
 # the longest allowed timeout (24 h), since it cannot stop a thread blocked in a Ray call.
 TIME_LIMIT_BACKSTOP_MS = 25 * 3600 * 1000
+# How often a job may find Ray unreachable before that counts against its retries (with
+# backoff up to RAY_EXECUTOR_BACKOFF_MAX, the default 120 s, this waits out long outages).
+MAX_RAY_WAITS = 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +114,13 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
     message = CurrentMessage.get_current_message()
     retry = int(message.options.get("retries", 0)) if message else 0
     traceparent = str(message.options.get("traceparent") or "") if message else ""
+    ray_waits = int(message.options.get("ray_waits", 0)) if message else 0
     log = {"deliberation_id": job.deliberation_id, "agent_id": job.agent_id,
            "task_id": job.task_id, "message_id": message.message_id if message else ""}
     if traceparent:
         log["traceparent"] = traceparent
+    if ray_waits:
+        log["ray_waits"] = ray_waits
     attributes = {"ray_executor.deliberation_id": job.deliberation_id,
                   "ray_executor.task_id": job.task_id, "ray_executor.agent_id": job.agent_id,
                   "ray_executor.kind": kind.name, "ray_executor.attempt": retry + 1,
@@ -122,7 +128,25 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
     with tracer.start_as_current_span(
             "ray_executor.agent_job", context=propagate.extract({"traceparent": traceparent}),
             kind=trace.SpanKind.CONSUMER, attributes=attributes):
-        _attempt(runtime, kind, job, retry, log)
+        try:
+            _attempt(runtime, kind, job, retry, log)
+        except WaitForRay as wait:
+            # Ray being away is not the job's fault: put it back for later without spending
+            # its retries (Dramatiq acks this delivery; the copy keeps the retry count).
+            assert message is not None
+            dramatiq.get_broker().enqueue(
+                message.copy(options={"ray_waits": wait.waits + 1}), delay=wait.delay)
+            logger.warning("Ray unavailable (%s); job back in %d ms", wait, wait.delay,
+                           extra=log)
+
+
+class WaitForRay(Exception):
+    """Raised on the loop when Ray is unreachable; ``execute`` requeues the message."""
+
+    def __init__(self, message: str, *, waits: int, delay: int) -> None:
+        super().__init__(message)
+        self.waits = waits
+        self.delay = delay
 
 
 def _traced(job: AgentJob, traceparent: str) -> AgentJob:
@@ -180,6 +204,11 @@ async def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt
         logger.info("job cancelled with its deliberation", extra=log)
         return
     retryable = bool(getattr(exc, "retryable", False))
+    waits = int(log.get("ray_waits", 0))
+    if error_type == RayLost.error_type and waits < MAX_RAY_WAITS:
+        settings = runtime.settings
+        raise WaitForRay(str(exc), waits=waits, delay=backoff.delay_ms(
+            waits, minimum=settings.backoff_min, maximum=settings.backoff_max))
     if retryable and retry < job.max_retries:
         settings = runtime.settings
         delay = backoff.delay_ms(retry, minimum=settings.backoff_min,

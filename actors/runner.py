@@ -15,7 +15,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict
 
-from actors.connection import RayUnavailable
 from bridge.contract import AgentJob
 
 if TYPE_CHECKING:
@@ -94,10 +93,10 @@ class RayRunners:
             if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
                 handle = await loop.run_in_executor(None, self._runner, kind)
             ref = handle.run.remote(job)
-        except (ConnectionError, RayUnavailable, RayError) as exc:
+            result = asyncio.wrap_future(ref.future())
+        except Exception as exc:  # any failure to hand the job over means the client is gone
             self._reset()
-            raise RayLost(f"cannot submit to Ray: {exc}") from exc
-        result = asyncio.wrap_future(ref.future())
+            raise RayLost(f"cannot submit to Ray: {type(exc).__name__}: {exc}") from exc
         deadline = loop.time() + job.timeout_seconds
         try:
             while True:

@@ -107,7 +107,9 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
     attempts = [a["attempts"] for _, agents in final.values() for a in agents]
     print(f"Ray head restart: {len(final)} deliberations, {sum(attempts)} attempts for "
           f"{len(attempts)} jobs, all done {recovery:.1f}s after the restart")
-    assert statuses == ["completed"] * 10, (tmp_path / "workers.log").read_text()[-4000:]
+    errors = {(a.get("error_type"), a.get("error", "")[:300]) for _, agents in final.values()
+              for a in agents if a["status"] != "completed"}
+    assert statuses == ["completed"] * 10, errors
     assert max(attempts) >= 2  # the jobs that were running ran again
 
 
