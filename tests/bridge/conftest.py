@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
+import dramatiq
 import grpc
 import pytest
+from dramatiq.brokers.redis import RedisBroker
 
 from bridge import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -93,3 +96,28 @@ def request(task_id: str = "", agents: object = 3, **fields: object
         else:
             setattr(base, name, value)
     return base
+
+
+def run_stock_worker(broker: RedisBroker, queue: str, count: int, *, threads: int = 2,
+                     timeout: float = 20) -> List[Dict[str, Any]]:
+    """A stock Dramatiq worker on ``broker`` runs a trivial ``vllm_agent`` actor on ``queue``
+    (it only keeps each message's keyword arguments) until ``count`` messages have run, failing
+    the test past ``timeout`` seconds; then it stops the worker and closes the broker. Returns
+    the jobs' keyword arguments in the order they ran."""
+    seen: List[Dict[str, Any]] = []
+    done = threading.Event()
+
+    @dramatiq.actor(actor_name="vllm_agent", queue_name=queue, broker=broker)
+    def vllm_agent(**job: Any) -> None:
+        seen.append(job)
+        if len(seen) >= count:
+            done.set()
+
+    worker = dramatiq.Worker(broker, worker_threads=threads, worker_timeout=100)
+    worker.start()
+    try:
+        assert done.wait(timeout), f"{len(seen)} of {count} messages ran"
+    finally:
+        worker.stop()
+        broker.close()
+    return seen

@@ -36,7 +36,7 @@ from dramatiq.middleware import Prometheus, default_middleware
 from bridge import dashboard, servers
 from bridge.dashboard import DashboardConfigError, check_credentials
 from bridge.settings import Settings
-from tests.bridge.conftest import BridgeProcess, request
+from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 from tests.conftest import ARTIFACTS
 
 CHROMIUM = "/usr/bin/chromium"
@@ -522,21 +522,6 @@ def test_dead_letters_can_be_requeued_and_deleted(dash: Dashboard, redis_url: st
     assert dash.redis.llen(f"dramatiq:{queue}.DQ") == 0
 
     # The requeued message is a real Dramatiq message: a stock worker runs it.
-    broker = stock_broker(redis_url)
-    ran: List[Dict[str, Any]] = []
-    done = threading.Event()
-
-    @dramatiq.actor(actor_name="vllm_agent", queue_name=queue, broker=broker)
-    def vllm_agent(**job: Any) -> None:
-        ran.append(job)
-        done.set()
-
-    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
-    worker.start()
-    try:
-        assert done.wait(20)
-    finally:
-        worker.stop()
-        broker.close()
+    ran = run_stock_worker(stock_broker(redis_url), queue, 1, threads=1)
     assert ran == [stored[dead[0]]["kwargs"]]
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import nats
 import pytest
@@ -18,7 +16,7 @@ from bridge.client import RayExecutorClient
 from bridge.servers import free_port
 from bridge.standin_llm import run_in_thread
 from tests.bridge.conftest import BridgeProcess
-from tests.conftest import worker_python
+from tests.workers import WorkerGroup
 
 AGENT_FIELDS = {"task_id", "deliberation_id", "agent_id", "role", "proposal", "status",
                 "duration_ms", "timestamp", "model", "num_agents"}
@@ -32,45 +30,22 @@ def standin() -> Iterator[Any]:
     server.stop()
 
 
-class WorkerProcess:
-    def __init__(self, env: Dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.process = self.start()
-
-    def start(self) -> subprocess.Popen:
-        return subprocess.Popen([worker_python(), "-m", "actors"], env=self.env,
-                                stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, 9)
-        self.process.wait()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-
 @pytest.fixture
-def start_worker(ray_address: str, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    started: List[WorkerProcess] = []
+def start_worker(ray_address: str, tmp_path: Path) -> Iterator[Callable[..., WorkerGroup]]:
+    started: List[WorkerGroup] = []
 
-    def start(bridge: BridgeProcess, **overrides: str) -> WorkerProcess:
+    def start(bridge: BridgeProcess, **overrides: str) -> WorkerGroup:
         env = dict(bridge.env, RAY_ADDRESS=ray_address, RAY_EXECUTOR_WORKER_PROCESSES="1",
                    RAY_EXECUTOR_WORKER_THREADS="8",
                    RAY_EXECUTOR_METRICS_PORT=str(free_port()), **overrides)
         env.pop("VIRTUAL_ENV", None)
-        worker = WorkerProcess(env, tmp_path / f"worker-{len(started)}.log")
+        worker = WorkerGroup(env, tmp_path / f"worker-{len(started)}.log")
         started.append(worker)
         return worker
 
     yield start
     for worker in started:
-        worker.stop()
+        worker.stop(kill_on_timeout=True)
 
 
 async def collect(nats_url: str, deliberation_id: str, count: int, timeout: float

@@ -7,7 +7,6 @@ import threading
 import time
 from typing import Any, Dict, List
 
-import dramatiq
 import grpc
 import pytest
 import redis
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from ray_executor.v1 import ray_executor_pb2 as pb
-from tests.bridge.conftest import BridgeProcess, request
+from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
 
 def queued(redis_url: str, bridge: BridgeProcess) -> List[Dict[str, Any]]:
@@ -55,24 +54,8 @@ def test_execute_records_and_enqueues_one_message_per_agent(bridge: BridgeProces
 def test_a_real_dramatiq_worker_consumes_the_messages(bridge: BridgeProcess,
                                                       redis_url: str) -> None:
     """The message contract is Dramatiq's own: a stock worker decodes and runs it."""
-    broker = RedisBroker(url=redis_url)
-    seen: List[Dict[str, Any]] = []
-    done = threading.Event()
-
-    @dramatiq.actor(actor_name="vllm_agent", queue_name=bridge.queue, broker=broker)
-    def vllm_agent(**job: Any) -> None:
-        seen.append(job)
-        if len(seen) == 2:
-            done.set()
-
     reply = bridge.stub().ExecuteDeliberation(request(agents=2))
-    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
-    worker.start()
-    try:
-        assert done.wait(20)
-    finally:
-        worker.stop()
-        broker.close()
+    seen = run_stock_worker(RedisBroker(url=redis_url), bridge.queue, 2)
     assert {j["deliberation_id"] for j in seen} == {reply.deliberation_id}
     assert sorted(j["agent_id"] for j in seen) == ["agent-0", "agent-1"]
 

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import re
-import time
 import urllib.request
-from typing import Any
 
-import dramatiq
 import grpc
 from dramatiq.brokers.redis import RedisBroker
 
-from tests.bridge.conftest import BridgeProcess, request
+from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
 
 def scrape(bridge: BridgeProcess) -> str:
@@ -47,24 +44,8 @@ def test_queue_depth_and_counters_move(bridge: BridgeProcess, redis_url: str) ->
                   outcome="invalid") == 1
     assert sample(after, "ray_executor_redis_up") == 1
 
-    broker = RedisBroker(url=redis_url, middleware=[])
-    done: list = []
-
-    @dramatiq.actor(actor_name="vllm_agent", queue_name=bridge.queue, broker=broker)
-    def vllm_agent(**job: Any) -> None:
-        done.append(job)
-
-    worker = dramatiq.Worker(broker, worker_threads=2, worker_timeout=100)
-    worker.start()
-    try:
-        deadline = time.monotonic() + 20
-        while depth(scrape(bridge)) > 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
-    finally:
-        worker.stop()
-        broker.close()
-    assert len(done) == 6
+    done = run_stock_worker(RedisBroker(url=redis_url, middleware=[]), bridge.queue, 6)
+    assert len(done) == 6 and depth(scrape(bridge)) == 0
     healthz = urllib.request.urlopen(
         f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz").read()
     assert healthz == b"ok\n"

@@ -4,8 +4,6 @@ restarts mid-run. Nothing is lost and no event is published twice."""
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -19,32 +17,15 @@ from bridge.settings import Settings
 from bridge.state import DeliberationStore
 from tests.conftest import worker_python
 from tests.worker.test_job_kinds import jobs, published
+from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = [pytest.mark.worker_env, pytest.mark.slow]
 
 
-def start_workers(settings: Settings, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, **settings.as_env())
-    return subprocess.Popen([worker_python(), "-m", "actors"], env=env, stdout=log.open("ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        process.wait(60)
-
-
 def fault_settings(redis_url: str, nats_url: str, ray_address: str) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({
-        "REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
-        "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
-        "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "32",
-        "RAY_EXECUTOR_JOB_MODULES": "tests.worker.kinds", "RAY_EXECUTOR_LOG_FORMAT": "text",
-        "RAY_EXECUTOR_METRICS_PORT": str(servers.free_port()),
-        "RAY_EXECUTOR_BACKOFF_MIN": "0.5", "RAY_EXECUTOR_BACKOFF_MAX": "5",
-    })
+    return worker_settings(redis_url, nats_url, ray_address,
+                           RAY_EXECUTOR_JOB_MODULES=TEST_KINDS,
+                           RAY_EXECUTOR_BACKOFF_MIN="0.5", RAY_EXECUTOR_BACKOFF_MAX="5")
 
 
 async def submit_many(store: DeliberationStore, count: int, agents: int,
@@ -78,7 +59,7 @@ async def until_final(store: DeliberationStore, ids: List[str], timeout: float
 def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: Path) -> None:
     head = servers.ray_head(tmp_path, str(Path(worker_python()).parent / "ray")).start(120)
     settings = fault_settings(redis_url, nats_url, head.url)
-    workers = start_workers(settings, tmp_path / "workers.log")
+    workers = WorkerGroup.with_settings(settings, tmp_path / "workers.log")
 
     async def scenario() -> Tuple[Dict, float]:
         redis = Redis.from_url(redis_url, decode_responses=True)
@@ -101,7 +82,7 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
     try:
         final, recovery = asyncio.run(scenario())
     finally:
-        stop(workers)
+        workers.stop()
         head.stop()
     statuses = [record["status"] for record, _ in final.values()]
     attempts = [a["attempts"] for _, agents in final.values() for a in agents]
@@ -116,7 +97,7 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
 def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path) -> None:
     nats_server = servers.nats(tmp_path).start()
     settings = fault_settings(redis_url, nats_server.url, ray_address)
-    workers = start_workers(settings, tmp_path / "workers.log")
+    workers = WorkerGroup.with_settings(settings, tmp_path / "workers.log")
 
     async def scenario() -> Tuple[List[str], float]:
         redis = Redis.from_url(redis_url, decode_responses=True)
@@ -138,7 +119,7 @@ def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path)
     try:
         ids, flushed = asyncio.run(scenario())
     finally:
-        stop(workers)
+        workers.stop()
     try:
         for did in ids:
             events = asyncio.run(published(nats_server.url, did, settle=0.5))
@@ -163,13 +144,13 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
         store = DeliberationStore(redis, settings)
         ids = await submit_many(store, 100, 2, sleep="1.5")
         rng = random.Random(7)
-        workers = start_workers(settings, tmp_path / "workers-0.log")
+        workers = WorkerGroup.with_settings(settings, tmp_path / "workers-0.log")
         try:
             for kill in range(2):
                 await asyncio.sleep(rng.uniform(6, 12))
-                os.killpg(workers.pid, 9)
-                workers.wait()
-                workers = start_workers(settings, tmp_path / f"workers-{kill + 1}.log")
+                workers.kill()
+                workers = WorkerGroup.with_settings(settings,
+                                                    tmp_path / f"workers-{kill + 1}.log")
             killed = time.monotonic()
             await until_final(store, ids, timeout=240)
             done = time.monotonic() - killed
@@ -177,7 +158,7 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
             leaked = sum([await redis.zcard(key) for key in slots])
             assert leaked == 0, f"{leaked} rate-limit slots still held"
         finally:
-            stop(workers)
+            workers.stop()
             await redis.close()
         return ids, done
 
@@ -198,7 +179,7 @@ def test_sigterm_drains_running_jobs_and_requeues_the_rest(
         redis_url: str, nats_url: str, ray_address: str, tmp_path: Path) -> None:
     """A worker stopped under load finishes what it runs; what it only held goes back."""
     settings = fault_settings(redis_url, nats_url, ray_address).replace(worker_threads=4)
-    workers = start_workers(settings, tmp_path / "workers-0.log")
+    workers = WorkerGroup.with_settings(settings, tmp_path / "workers-0.log")
 
     async def scenario() -> Tuple[List[str], int]:
         redis = Redis.from_url(redis_url, decode_responses=True)
@@ -211,17 +192,18 @@ def test_sigterm_drains_running_jobs_and_requeues_the_rest(
                 break
             assert time.monotonic() < deadline
             await asyncio.sleep(0.1)
-        workers.send_signal(15)  # to Dramatiq's main process, as Kubernetes does to PID 1
-        code = await asyncio.get_running_loop().run_in_executor(None, workers.wait, 60)
+        workers.process.send_signal(15)  # to Dramatiq's main process, as Kubernetes does to PID 1
+        code = await asyncio.get_running_loop().run_in_executor(None, workers.process.wait, 60)
         agents = [a for did in ids for a in (await store.get(did))[1]]  # type: ignore[index]
         assert not [a for a in agents if a["status"] == "running"], "half-done jobs"
         finished = sum(a["status"] == "completed" for a in agents)
         assert finished >= 4, agents  # the running ones finished before the exit
-        successor = start_workers(settings, tmp_path / "workers-1.log")  # the rest went back
+        # the rest went back
+        successor = WorkerGroup.with_settings(settings, tmp_path / "workers-1.log")
         try:
             await until_final(store, ids, timeout=120)
         finally:
-            stop(successor)
+            successor.stop()
             await redis.close()
         return ids, code
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 import uuid
@@ -18,37 +17,25 @@ import pytest
 from redis.asyncio import Redis
 
 from bridge.contract import AgentJob
-from bridge.servers import free_port
 from bridge.settings import Settings
 from bridge.state import DeliberationStore
+from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
 
 
 @pytest.fixture
 def settings(redis_url: str, nats_url: str, ray_address: str) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    return Settings.from_env({
-        "REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
-        "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
-        "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "8",
-        "RAY_EXECUTOR_JOB_MODULES": "tests.worker.kinds", "RAY_EXECUTOR_LOG_FORMAT": "text",
-        "RAY_EXECUTOR_METRICS_PORT": str(free_port()),
-    })
+    return worker_settings(redis_url, nats_url, ray_address, RAY_EXECUTOR_WORKER_THREADS="8",
+                           RAY_EXECUTOR_JOB_MODULES=TEST_KINDS)
 
 
 @pytest.fixture
-def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen]:
-    env = dict(os.environ, **settings.as_env())
-    log = tmp_path / "worker.log"
-    process = subprocess.Popen([sys.executable, "-m", "actors"], env=env,
-                               stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    yield process
-    if process.poll() is None:
-        os.killpg(process.pid, 15)
-        process.wait(60)
-    print(log.read_text()[-5000:])
+def worker(settings: Settings, tmp_path: Path) -> Iterator[WorkerGroup]:
+    group = WorkerGroup.with_settings(settings, tmp_path / "worker.log", sys.executable)
+    yield group
+    group.stop()
+    print(group.log.read_text()[-5000:])
 
 
 def jobs(deliberation_id: str, n: int, **metadata: str) -> List[AgentJob]:
@@ -143,12 +130,9 @@ async def published(nats_url: str, deliberation_id: str, settle: float = 2.0) ->
 def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
         settings: Settings, tmp_path: Path) -> None:
     settings = settings.replace(worker_heartbeat_timeout=10)
-    env = dict(os.environ, **settings.as_env())
 
-    def start(n: int) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "actors"], env=env,
-                                stdout=(tmp_path / f"worker-{n}.log").open("ab"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    def start(n: int) -> WorkerGroup:
+        return WorkerGroup.with_settings(settings, tmp_path / f"worker-{n}.log", sys.executable)
 
     async def scenario() -> Tuple[Dict, List[Dict], List[Any], float]:
         redis = Redis.from_url(settings.redis_url, decode_responses=True)
@@ -165,8 +149,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
             assert time.monotonic() < deadline, agents
             await asyncio.sleep(0.2)
         await asyncio.sleep(1.0)
-        os.killpg(first.pid, 9)
-        first.wait()
+        first.kill()
         killed_at = time.monotonic()
         second = start(2)
         try:
@@ -179,8 +162,7 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
             recovered = time.monotonic() - killed_at
             events = await published(settings.nats_url, deliberation_id)
         finally:
-            os.killpg(second.pid, 15)
-            second.wait(60)
+            second.stop()
         await redis.close()
         return record, agents, events, recovered
 

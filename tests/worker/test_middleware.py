@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -21,10 +19,10 @@ import redis
 from redis.asyncio import Redis
 
 from bridge.contract import AgentJob
-from bridge.servers import free_port
 from bridge.settings import Settings
 from bridge.standin_llm import run_in_thread
 from bridge.state import DeliberationStore
+from tests.workers import WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
 
@@ -51,37 +49,17 @@ def standin() -> Iterator[Standin]:
 
 
 def make_settings(redis_url: str, nats_url: str, ray_address: str, **extra: str) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    env = {"REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
-           "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
-           "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "32",
-           "RAY_EXECUTOR_BACKOFF_MIN": "0.1", "RAY_EXECUTOR_BACKOFF_MAX": "5",
-           "RAY_EXECUTOR_LOG_FORMAT": "text", "RAY_EXECUTOR_METRICS_PORT": str(free_port())}
-    env.update(extra)
-    return Settings.from_env(env)
-
-
-class Workers:
-    def __init__(self, settings: Settings, log: Path) -> None:
-        self.settings = settings
-        env = dict(os.environ, **settings.as_env())
-        self.process = subprocess.Popen([sys.executable, "-m", "actors"], env=env,
-                                        stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-        self.log = log
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, 15)
-            self.process.wait(60)
+    backoff = {"RAY_EXECUTOR_BACKOFF_MIN": "0.1", "RAY_EXECUTOR_BACKOFF_MAX": "5"}
+    return worker_settings(redis_url, nats_url, ray_address, **dict(backoff, **extra))
 
 
 @pytest.fixture
 def start_workers(tmp_path: Path) -> Iterator[Any]:
-    started: List[Workers] = []
+    started: List[WorkerGroup] = []
 
-    def start(settings: Settings) -> Workers:
-        workers = Workers(settings, tmp_path / f"workers-{len(started)}.log")
+    def start(settings: Settings) -> WorkerGroup:
+        workers = WorkerGroup.with_settings(settings, tmp_path / f"workers-{len(started)}.log",
+                                            sys.executable)
         started.append(workers)
         return workers
 
@@ -137,7 +115,8 @@ def shared(redis_url: str, nats_url: str, ray_address: str,
     """One worker group for the tests that need no settings of their own (each test talks to
     its own stand-in, so their endpoints, limits and circuits are apart)."""
     settings = make_settings(redis_url, nats_url, ray_address)
-    workers = Workers(settings, tmp_path_factory.mktemp("shared") / "workers.log")
+    workers = WorkerGroup.with_settings(
+        settings, tmp_path_factory.mktemp("shared") / "workers.log", sys.executable)
     yield settings
     workers.stop()
 
