@@ -176,8 +176,8 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
     verdict, attempt = await store.start(job, retry)
     if verdict != "run":
         logger.info("skipping job: %s", verdict, extra=log)
-        if verdict == "done":  # a redelivery: make sure its event went out
-            await _publish(runtime, job, "")
+        if verdict == "done":  # a redelivery: make sure its events went out
+            await _publish(runtime, job)
         return
     started = time.monotonic()
     try:
@@ -231,20 +231,24 @@ async def _record(runtime: WorkerRuntime, job: AgentJob, outcome: Dict[str, Any]
                   log: Dict[str, Any]) -> None:
     store = runtime.store
     assert store is not None
-    what, final = await store.finish(job, outcome)
-    logger.info("agent %s (%s)%s", outcome["status"], what,
-                f"; deliberation {final}" if final else "", extra=log)
-    await _publish(runtime, job, final)
-
-
-async def _publish(runtime: WorkerRuntime, job: AgentJob, final: str) -> None:
+    finished = await store.finish(job, outcome)
+    logger.debug("agent %s (%s)%s", outcome["status"], finished.what,
+                 f"; deliberation {finished.final}" if finished.final else "", extra=log)
     outbox = runtime.outbox
     assert outbox is not None
-    ids = [contract.event_id(job.deliberation_id, status, job.agent_id)
-           for status in (contract.COMPLETED, contract.FAILED)]
-    if final:
-        ids.append(contract.event_id(job.deliberation_id, final))
-    await outbox.publish(ids)
+    if finished.record is not None:
+        await outbox.publish_finished(job.agent_id, finished)
+    elif finished.what == "duplicate":  # a redelivery: make sure its events went out
+        await _publish(runtime, job)
+
+
+async def _publish(runtime: WorkerRuntime, job: AgentJob) -> None:
+    """Publish whatever outbox entries the job's agent (and its deliberation) still hold."""
+    outbox = runtime.outbox
+    assert outbox is not None
+    await outbox.publish([contract.event_id(job.deliberation_id, status, agent_id)
+                          for status in contract.FINAL_STATUSES
+                          for agent_id in (job.agent_id, "")])
 
 
 def _runtime(broker: dramatiq.Broker) -> WorkerRuntime:

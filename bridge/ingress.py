@@ -69,7 +69,7 @@ class Ingress:
         deliberation_id, created, stored = await self.store.submit(
             plan.idempotency_key, record, plan.jobs, options)
         if created:
-            logger.info("deliberation %s submitted for task %s with %d agents",
+            logger.debug("deliberation %s submitted for task %s with %d agents",
                         deliberation_id, plan.record["task_id"], len(plan.jobs),
                         extra={"deliberation_id": deliberation_id,
                                "task_id": plan.record["task_id"], **options})

@@ -28,7 +28,7 @@ from bridge import contract
 from bridge.contract import Subjects
 from bridge.logs import redact
 from bridge.settings import Settings
-from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, StateUnavailable
+from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, Finished, StateUnavailable
 
 logger = logging.getLogger("ray_executor.outbox")
 
@@ -71,11 +71,27 @@ class Outbox:
 
     async def publish(self, event_ids: Iterable[str]) -> int:
         """Publish the given entries now; returns how many were sent."""
-        sent = 0
-        for event_id in event_ids:
-            if await self._publish_one(event_id):
-                sent += 1
-        return sent
+        sent = await asyncio.gather(*(self._publish_one(event_id) for event_id in event_ids))
+        return sum(sent)
+
+    async def publish_finished(self, agent_id: str, finished: Finished) -> None:
+        """Publish what ``DeliberationStore.finish`` recorded for ``agent_id``, rendered from
+        the state it returned: the agent's outcome and, if it ended the deliberation, the
+        final event (both entries stay the recovery path until published)."""
+        record = finished.record
+        if record is None:
+            return
+        agent = next(a for a in finished.agents if a["agent_id"] == agent_id)
+        sends = [self.publish_rendered(
+            contract.event_id(record["id"], agent["status"], agent_id),
+            self.subjects.agent(agent["status"]), contract.agent_event(record, agent),
+            _headers(record))]
+        if finished.what == "final":
+            sends.append(self.publish_rendered(
+                contract.event_id(record["id"], finished.final),
+                self.subjects.deliberation(finished.final),
+                contract.deliberation_event(record, finished.agents), _headers(record)))
+        await asyncio.gather(*sends)
 
     async def flush_due(self, limit: int = 200) -> int:
         """Claim entries whose lease passed and publish them."""
@@ -139,7 +155,7 @@ class Outbox:
         if found is None:
             return None
         record, agents = found
-        headers = {"traceparent": record["traceparent"]} if record.get("traceparent") else {}
+        headers = _headers(record)
         if entry["kind"] == "agent":
             agent: List[Dict] = [a for a in agents if a["agent_id"] == entry["agent_id"]]
             if not agent:
@@ -154,8 +170,13 @@ class Outbox:
 
     async def _forget(self, event_id: str) -> None:
         keys = self.store.keys
-        await self.store.pipelined(lambda pipe: (
-            pipe.hdel(keys.outbox, event_id), pipe.zrem(keys.outbox_due, event_id)))
+        await self.store.batched(("HDEL", keys.outbox, event_id),
+                                 ("ZREM", keys.outbox_due, event_id))
+
+
+def _headers(record: Dict[str, str]) -> Dict[str, str]:
+    """NATS headers of a deliberation's events."""
+    return {"traceparent": record["traceparent"]} if record.get("traceparent") else {}
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:

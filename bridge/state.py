@@ -19,10 +19,11 @@ process's event-loop thread.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import dramatiq
 import redis
@@ -60,6 +61,16 @@ def connect_sync(url: str, *, decode_responses: bool = False) -> redis.Redis:
                                 retry_on_error=_RETRY_ON, socket_timeout=10)
 
 
+class Finished(NamedTuple):
+    """What ``DeliberationStore.finish`` did, and the state its events are rendered from:
+    ``agents`` holds the finished agent, or every agent when the deliberation ended."""
+
+    what: str
+    final: str = ""
+    record: Optional[Dict[str, str]] = None
+    agents: List[Dict[str, Any]] = []
+
+
 class StateUnavailable(ConnectionError):
     """Redis could not be reached; nothing was changed."""
 
@@ -84,12 +95,12 @@ class DeliberationStore:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        scripts = {name: redis.register_script((_LUA / f"{name}.lua").read_text())
-                   for name in ("submit", "start", "finish", "cancel")}
-        self._submit = scripts["submit"]
-        self._start = scripts["start"]
-        self._finish = scripts["finish"]
-        self._cancel = scripts["cancel"]
+        self._shas: Dict[str, str] = {}  # Lua source -> its SHA1, for EVALSHA
+        self._sources: Dict[str, str] = {}  # and back, to load it when Redis lacks it
+        self._submit, self._start, self._finish, self._cancel = (
+            (_LUA / f"{name}.lua").read_text() for name in ("submit", "start", "finish", "cancel"))
+        self._pending: List[Tuple[Tuple[Tuple[Any, ...], ...], asyncio.Future]] = []
+        self._flusher: Optional[asyncio.Future] = None
 
     # --- the bridge's side ---
 
@@ -132,7 +143,7 @@ class DeliberationStore:
         args = [deliberation_id, now, self.settings.state_ttl_seconds, json.dumps(record),
                 json.dumps(agents), _event("submitted", status=contract.QUEUED),
                 json.dumps(entry), now + OUTBOX_LEASE_MS, *messages]
-        created, existing = await self._call(self._submit, keys, args)
+        created, existing = await self.eval(self._submit, keys, args)
         return str(existing), bool(created), record
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
@@ -143,7 +154,7 @@ class DeliberationStore:
         args = [deliberation_id, contract.now_ms(), reason,
                 _event("cancelled", status=contract.CANCELLED, reason=reason),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
-        changed, status = await self._call(self._cancel, keys, args)
+        changed, status = await self.eval(self._cancel, keys, args)
         return bool(changed), str(status)
 
     async def get(self, deliberation_id: str) -> Optional[Tuple[Dict[str, str], List[Dict]]]:
@@ -207,14 +218,15 @@ class DeliberationStore:
         args = [job.agent_id, contract.now_ms(), retry,
                 _event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
                        retry=retry)]
-        result = await self._call(self._start, keys, args)
+        result = await self.eval(self._start, keys, args)
         return str(result[0]), int(result[1]) if len(result) > 1 else 0
 
-    async def finish(self, job: AgentJob, outcome: Dict[str, Any]) -> Tuple[str, str]:
+    async def finish(self, job: AgentJob, outcome: Dict[str, Any]) -> Finished:
         """Record an agent's final outcome (``status`` completed or failed, and its fields).
 
-        Returns ``(what, final_status)``: what is ``recorded``, ``final`` (this outcome ended
-        the deliberation), ``duplicate`` (already recorded), ``cancelled`` or ``missing``.
+        ``Finished.what`` is ``recorded``, ``final`` (this outcome ended the deliberation),
+        ``duplicate`` (already recorded), ``cancelled`` or ``missing``; for the first two it
+        carries the state the events are rendered from.
         """
         now = contract.now_ms()
         outcome = {**outcome, "end_ms": now}
@@ -229,8 +241,13 @@ class DeliberationStore:
                        error=outcome.get("error", ""))
         args = [job.agent_id, now, json.dumps(outcome), event, event_id, json.dumps(entry),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
-        result = await self._call(self._finish, keys, args)
-        return str(result[0]), str(result[1]) if len(result) > 1 else ""
+        result = await self.eval(self._finish, keys, args)
+        if len(result) < 4:
+            return Finished(str(result[0]))
+        record = dict(zip(result[2][::2], result[2][1::2]))
+        agents = [json.loads(result[3])] if isinstance(result[3], str) else \
+            sorted((json.loads(a) for a in result[3]), key=lambda a: a.get("index", 0))
+        return Finished(str(result[0]), str(result[1]), record, agents)
 
     async def is_cancelled(self, deliberation_id: str) -> bool:
         status = await self.guard(
@@ -239,17 +256,82 @@ class DeliberationStore:
 
     # --- plumbing ---
 
-    async def _call(self, script: Any, keys: List[str], args: List[Any]) -> Any:
-        return await self.guard(script(keys=keys, args=args))
+    async def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
+        """Run a Lua script by its SHA through ``batched`` (loaded when Redis lacks it)."""
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
+            self._sources[sha] = source
+        return (await self.batched(("EVALSHA", sha, len(keys), *keys, *args)))[0]
 
-    async def pipelined(self, build: Callable[[Any], Any], transaction: bool = False) -> Any:
+    async def batched(self, *commands: Tuple[Any, ...]) -> List[Any]:
+        """Run ``commands`` (each ``(name, *args)``) and return their results, sharing one
+        pipeline with every other call made meanwhile on this loop: under load, dozens of
+        requests or jobs cost one Redis round trip instead of one each. A command's error is
+        raised to its caller only; Redis unreachable raises ``StateUnavailable`` to all."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.append((commands, future))
+        if self._flusher is None or self._flusher.get_loop() is not loop:
+            self._flusher = asyncio.ensure_future(self._flush())
+        return await future  # type: ignore[no-any-return]
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:  # calls made while a pipeline is out go in the next one
+                batch, self._pending = self._pending, []
+                await self._execute(batch)
+        finally:
+            self._flusher = None
+
+    async def _execute(self, batch: List[Tuple[Tuple[Tuple[Any, ...], ...], asyncio.Future]]
+                       ) -> None:
+        commands = [command for wanted, _ in batch for command in wanted]
+        try:
+            results = await self.pipelined(lambda pipe: [
+                pipe.execute_command(*command) for command in commands], raise_on_error=False)
+            if any(isinstance(r, redis.exceptions.NoScriptError) for r in results):
+                results = await self._reload_scripts(commands, results)
+        except Exception as exc:  # unreachable (StateUnavailable) or a bug: fail every caller
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        start = 0
+        for wanted, future in batch:
+            mine, start = results[start:start + len(wanted)], start + len(wanted)
+            if future.done():  # its caller was cancelled
+                continue
+            error = next((r for r in mine if isinstance(r, Exception)), None)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(mine)
+
+    async def _reload_scripts(self, commands: List[Tuple[Any, ...]], results: List[Any]
+                              ) -> List[Any]:
+        """After a Redis restart (or SCRIPT FLUSH) load the scripts again and rerun the calls
+        that found them missing (NOSCRIPT means the call did nothing)."""
+        missing = [i for i, result in enumerate(results)
+                   if isinstance(result, redis.exceptions.NoScriptError)]
+        for sha in {commands[i][1] for i in missing}:
+            await self.guard(self.redis.script_load(self._sources[sha]))
+        rerun = await self.pipelined(lambda pipe: [
+            pipe.execute_command(*commands[i]) for i in missing], raise_on_error=False)
+        results = list(results)
+        for i, result in zip(missing, rerun):
+            results[i] = result
+        return results
+
+    async def pipelined(self, build: Callable[[Any], Any], transaction: bool = False,
+                        raise_on_error: bool = True) -> Any:
         """Run the commands ``build`` queues on a pipeline. redis-py does not retry pipelines
         on a dropped connection, so this does (every pipeline here is safe to repeat)."""
         for attempt in range(3):
             try:
                 async with self.redis.pipeline(transaction=transaction) as pipe:
                     build(pipe)
-                    return await pipe.execute()
+                    return await pipe.execute(raise_on_error=raise_on_error)
             except tuple(_RETRY_ON) as exc:
                 if attempt == 2:
                     raise StateUnavailable(f"Redis unavailable: {exc}") from exc

@@ -1,6 +1,9 @@
 -- finish: record an agent outcome and its outbox entry; the last outcome ends the deliberation.
 -- KEYS: record, agents, events, active, outbox, outbox due, stats
 -- ARGV: agent id, now ms, outcome json, event json, outbox id, outbox entry json, ttl s, lease ms
+-- Returns {what, final status or '', record fields, agent json} or, when this outcome ended the
+-- deliberation, {'final', status, record fields, every agent's json}: the writer publishes its
+-- events from these without reading the state back.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
 local raw = redis.call('HGET', KEYS[2], ARGV[1])
@@ -9,7 +12,8 @@ local agent = cjson.decode(raw)
 if agent.status == 'completed' or agent.status == 'failed' then return {'duplicate'} end
 local outcome = cjson.decode(ARGV[3])
 for k, v in pairs(outcome) do agent[k] = v end
-redis.call('HSET', KEYS[2], ARGV[1], cjson.encode(agent))
+local agent_json = cjson.encode(agent)
+redis.call('HSET', KEYS[2], ARGV[1], agent_json)
 local counter = outcome.status == 'completed' and 'completed' or 'failed'
 local done = redis.call('HINCRBY', KEYS[1], counter, 1)
 redis.call('XADD', KEYS[3], '*', 'event', ARGV[4])
@@ -18,7 +22,9 @@ redis.call('HSET', KEYS[5], ARGV[5], ARGV[6])
 redis.call('ZADD', KEYS[6], ARGV[2] + ARGV[8], ARGV[5])
 local finished = tonumber(redis.call('HGET', KEYS[1], 'completed') or 0)
   + tonumber(redis.call('HGET', KEYS[1], 'failed') or 0)
-if finished < tonumber(redis.call('HGET', KEYS[1], 'num_agents')) then return {'recorded'} end
+if finished < tonumber(redis.call('HGET', KEYS[1], 'num_agents')) then
+  return {'recorded', '', redis.call('HGETALL', KEYS[1]), agent_json}
+end
 local final = tonumber(redis.call('HGET', KEYS[1], 'completed') or 0) > 0 and 'completed' or 'failed'
 redis.call('HSET', KEYS[1], 'status', final, 'finished_ms', ARGV[2])
 redis.call('ZREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
@@ -30,4 +36,4 @@ local final_id = redis.call('HGET', KEYS[1], 'id') .. ':' .. final
 redis.call('HSET', KEYS[5], final_id, cjson.encode({kind = 'deliberation', event = final, deliberation_id = redis.call('HGET', KEYS[1], 'id')}))
 redis.call('ZADD', KEYS[6], ARGV[2] + ARGV[8], final_id)
 for _, key in ipairs({KEYS[1], KEYS[2], KEYS[3]}) do redis.call('EXPIRE', key, ARGV[7]) end
-return {'final', final}
+return {'final', final, redis.call('HGETALL', KEYS[1]), redis.call('HVALS', KEYS[2])}
