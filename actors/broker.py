@@ -8,6 +8,8 @@ heartbeat interval instead of Dramatiq's default minute-or-more.
 
 from __future__ import annotations
 
+from typing import Any
+
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.encoder import JSONEncoder
@@ -28,6 +30,25 @@ from actors.runtime import WorkerRuntime
 from bridge.settings import Settings
 
 
+class WorkerBroker(RedisBroker):
+    """Dramatiq's Redis broker whose consumers poll at most every ``poll_ms`` when they find
+    nothing to fetch (an empty queue, or a full prefetch). Dramatiq backs off up to the
+    worker's 1 s timeout there, which its CLI does not let us change: a job arriving at an
+    idle worker waited up to a second, and a full prefetch was refilled late.
+
+    Parameters:
+      poll_ms: the longest pause between fetches.
+      **kwargs: ``RedisBroker``'s.
+    """
+
+    def __init__(self, *, poll_ms: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.poll_ms = poll_ms
+
+    def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
+        return super().consume(queue_name, prefetch, min(timeout, self.poll_ms))
+
+
 def make_broker(settings: Settings) -> RedisBroker:
     dramatiq.set_encoder(JSONEncoder())
     middleware = [
@@ -43,7 +64,8 @@ def make_broker(settings: Settings) -> RedisBroker:
         # set up the multiprocess directory before any other hook creates a metric.
         Prometheus(),
     ]
-    broker = RedisBroker(url=settings.redis_url, middleware=middleware,
-                         heartbeat_timeout=settings.worker_heartbeat_timeout * 1000)
+    broker = WorkerBroker(url=settings.redis_url, middleware=middleware,
+                          heartbeat_timeout=settings.worker_heartbeat_timeout * 1000,
+                          poll_ms=settings.worker_poll_ms)
     broker.declare_queue(settings.queue)
     return broker

@@ -93,6 +93,12 @@ class RayRunners:
             if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
                 handle = await loop.run_in_executor(None, self._runner, kind)
             ref = handle.run.remote(job)
+            # A Ray client ref learns its object id from the client server a round trip
+            # after .remote(); ref.future() blocks until then. Waiting for it here keeps the
+            # loop free for the other jobs (blocking serialized every submission).
+            id_assigned = getattr(ref, "_id_future", None)
+            if id_assigned is not None:
+                await asyncio.wrap_future(id_assigned)
             result = asyncio.wrap_future(ref.future())
         except Exception as exc:  # any failure to hand the job over means the client is gone
             self._reset()

@@ -165,6 +165,12 @@ class Settings:
         "Messages a process reserves ahead; 0: Dramatiq's default (2 x threads).",
         minimum=0,
     )
+    worker_poll_ms: int = _setting(
+        PREFIX + "WORKER_POLL_MS",
+        100,
+        "Longest pause (ms) between a worker's queue polls while it finds nothing to fetch.",
+        minimum=5,
+    )
     worker_shutdown_timeout: int = _setting(
         PREFIX + "WORKER_SHUTDOWN_TIMEOUT",
         600,
