@@ -51,15 +51,16 @@ class WorkerBroker(RedisBroker):
 
 def make_broker(settings: Settings) -> RedisBroker:
     dramatiq.set_encoder(JSONEncoder())
+    runtime = WorkerRuntime(settings)
     middleware = [
         AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(),
         # Delays come from actors.backoff through dramatiq.Retry; these are Retries' defaults
         # for anything else.
         Retries(max_retries=settings.max_retries, min_backoff=int(settings.backoff_min * 1000),
                 max_backoff=int(settings.backoff_max * 1000)),
-        CurrentMessage(), WorkerRuntime(settings),
+        CurrentMessage(), runtime,
         # Order matters: an open circuit sends a job back before it takes a slot.
-        CircuitBreaker(settings), ConcurrencyLimiter(settings),
+        CircuitBreaker(settings, runtime), ConcurrencyLimiter(settings, runtime),
         # Last, since Dramatiq runs after_* hooks in reverse order: its after_process_boot must
         # set up the multiprocess directory before any other hook creates a metric.
         Prometheus(),

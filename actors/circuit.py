@@ -4,6 +4,11 @@ After ``RAY_EXECUTOR_CIRCUIT_FAILURES`` consecutive server-side failures (5xx, 4
 refused or reset connections) the endpoint's circuit opens: its jobs are put back with a
 delay instead of hammering it (no retry consumed). After the cooldown one job at a time is let
 through as a probe (half-open); a success closes the circuit, a failure opens it again.
+
+A process that found an endpoint's circuit clean (no failure recorded) trusts that for
+``CLEAN_SECONDS`` without asking Redis again, unless one of its own jobs fails there: a burst
+of jobs costs one check per endpoint, and a circuit opened by another process is seen at most
+that much later.
 """
 
 from __future__ import annotations
@@ -11,20 +16,20 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Optional, Set
+from typing import Any, Dict, Set
 
 import dramatiq
-import redis
 from dramatiq.middleware import SkipMessage
 
 from actors import metrics
 from actors.limits import endpoint_key
+from actors.runtime import WorkerRuntime
 from bridge.logs import message_context, redact
 from bridge.settings import Settings
-from bridge.state import connect_sync
 
 logger = logging.getLogger("ray_executor.circuit")
 
+CLEAN_SECONDS = 1.0
 SERVER_SIDE = {"rate_limited", "unavailable", "server_error", "timeout", "connection"}
 
 _ALLOW = """
@@ -49,27 +54,24 @@ return 0
 
 
 class CircuitBreaker(dramatiq.Middleware):
-    """Parameters: settings (failure threshold and cooldown).
+    """Parameters:
+      settings: failure threshold and cooldown.
+      runtime: the process's ``WorkerRuntime``, whose shared Redis connection carries the
+        breaker's calls.
 
     Actor options / per-message overrides: ``circuit_failures``, ``circuit_cooldown`` (s).
     """
 
     actor_options = {"circuit_failures", "circuit_cooldown"}
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: WorkerRuntime) -> None:
         self.settings = settings
+        self.runtime = runtime
         self.prefix = f"{settings.key_prefix}:circuit"
-        self.redis: Optional[redis.Redis] = None
-        self._allow: Any = None
-        self._failure: Any = None
         # Messages that found failures recorded for their endpoint: only their success needs
         # to reset the count (a Redis round trip saved on every other job).
         self._dirty: Set[str] = set()
-
-    def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        self.redis = connect_sync(self.settings.redis_url, decode_responses=True)
-        self._allow = self.redis.register_script(_ALLOW)
-        self._failure = self.redis.register_script(_FAILURE)
+        self._clean_until: Dict[str, float] = {}  # endpoint -> monotonic time
 
     def _keys(self, message: Any) -> list:
         endpoint = endpoint_key(message)
@@ -82,9 +84,14 @@ class CircuitBreaker(dramatiq.Middleware):
         return int(float(seconds) * 1000)
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
+        endpoint = endpoint_key(message)
+        if self._clean_until.get(endpoint, 0.0) > time.monotonic():
+            return
         cooldown = self._cooldown_ms(broker, message)
-        verdict = self._allow(keys=self._keys(message),
-                              args=[int(time.time() * 1000), message.message_id, cooldown])
+        verdict = self.runtime.eval(_ALLOW, self._keys(message),
+                                    [int(time.time() * 1000), message.message_id, cooldown])
+        if verdict == "clean":
+            self._clean_until[endpoint] = time.monotonic() + CLEAN_SECONDS
         if verdict == "open":
             delay = int(random.uniform(0.5, 1.0) * cooldown)
             broker.enqueue(message.copy(), delay=delay)
@@ -102,20 +109,19 @@ class CircuitBreaker(dramatiq.Middleware):
                               result: Any = None, exception: Any = None) -> None:
         dirty = message.message_id in self._dirty
         self._dirty.discard(message.message_id)
-        if self.redis is None:
-            return
         keys = self._keys(message)
         error_type = getattr(exception, "error_type", "") if exception is not None else ""
         if exception is None or error_type not in SERVER_SIDE:
             if exception is None and dirty:
-                self.redis.delete(*keys)  # a success closes the circuit
+                self.runtime.redis(("DEL", *keys))  # a success closes the circuit
             return
+        self._clean_until.pop(endpoint_key(message), None)
         actor = broker.get_actor(message.actor_name)
         threshold = int(message.options.get("circuit_failures", actor.options.get(
             "circuit_failures", self.settings.circuit_failures)))
-        opened = self._failure(keys=keys, args=[int(time.time() * 1000), threshold,
-                                                self._cooldown_ms(broker, message),
-                                                message.message_id])
+        opened = self.runtime.eval(_FAILURE, keys, [int(time.time() * 1000), threshold,
+                                                    self._cooldown_ms(broker, message),
+                                                    message.message_id])
         if opened:
             metrics.get().circuit_open.inc()
             logger.warning("circuit opened for %s after %s", redact(endpoint_key(message)),

@@ -14,16 +14,15 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import dramatiq
-import redis
 from dramatiq.middleware import SkipMessage
 
 from actors import metrics
+from actors.runtime import WorkerRuntime
 from bridge.logs import message_context, redact
 from bridge.settings import Settings
-from bridge.state import connect_sync
 
 logger = logging.getLogger("ray_executor.limits")
 
@@ -55,6 +54,12 @@ def endpoint_key(message: dramatiq.Message) -> str:
 class ConcurrencyLimiter(dramatiq.Middleware):
     """Caps jobs in flight (and optionally requests per window) per vLLM endpoint and model.
 
+    Parameters:
+      settings: default limits.
+      runtime: the process's ``WorkerRuntime``, whose shared Redis connection carries the
+        limiter's calls (batched with the other calls of the moment, not one connection per
+        worker thread).
+
     Actor options / per-message overrides (``message.options``):
       concurrency_limit: slots per endpoint (default ``RAY_EXECUTOR_VLLM_CONCURRENCY``).
       rate_limit: requests per window, 0 for none (default ``RAY_EXECUTOR_VLLM_RATE_LIMIT``).
@@ -63,18 +68,15 @@ class ConcurrencyLimiter(dramatiq.Middleware):
 
     actor_options = {"concurrency_limit", "rate_limit", "limit_requeue_ms"}
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, runtime: WorkerRuntime) -> None:
         self.settings = settings
+        self.runtime = runtime
         self.prefix = f"{settings.key_prefix}:limit"
-        self.redis: Optional[redis.Redis] = None
-        self._acquire: Any = None
         self._held: Dict[str, Tuple[str, str]] = {}  # message id -> (slots key, member)
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
-        self.redis = connect_sync(self.settings.redis_url)
-        self._acquire = self.redis.register_script(_ACQUIRE)
         threading.Thread(target=self._renew, name="rx-limit-renew", daemon=True).start()
 
     def before_process_stop(self, broker: dramatiq.Broker) -> None:
@@ -91,8 +93,8 @@ class ConcurrencyLimiter(dramatiq.Middleware):
         slots = f"{self.prefix}:{endpoint}:slots"
         window = f"{self.prefix}:{endpoint}:rate:{int(time.time() * 1000) // window_ms}"
         now = int(time.time() * 1000)
-        got = self._acquire(keys=[slots, window],
-                            args=[now, limit, message.message_id, LEASE_MS, rate, window_ms])
+        got = self.runtime.eval(_ACQUIRE, [slots, window],
+                                [now, limit, message.message_id, LEASE_MS, rate, window_ms])
         if got == 1:
             with self._lock:
                 self._held[message.message_id] = (slots, message.message_id)
@@ -118,24 +120,22 @@ class ConcurrencyLimiter(dramatiq.Middleware):
     def _release(self, message_id: str) -> None:
         with self._lock:
             held = self._held.pop(message_id, None)
-        if held is not None and self.redis is not None:
+        if held is not None:
             metrics.get().slots_in_use.dec()
             try:
-                self.redis.zrem(*held)
-            except redis.RedisError as exc:  # the lease expires by itself
+                self.runtime.redis(("ZREM", *held))
+            except Exception as exc:  # the lease expires by itself
                 logger.warning("slot release failed (%s); it expires in %d ms", exc, LEASE_MS)
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_SECONDS):
             with self._lock:
                 held = list(self._held.values())
-            if not held or self.redis is None:
+            if not held:
                 continue
             expiry = int(time.time() * 1000) + LEASE_MS
             try:
-                with self.redis.pipeline(transaction=False) as pipe:
-                    for slots, member in held:
-                        pipe.zadd(slots, {member: expiry}, xx=True)
-                    pipe.execute()
-            except redis.RedisError as exc:
+                self.runtime.redis(*(("ZADD", slots, "XX", expiry, member)
+                                     for slots, member in held))
+            except Exception as exc:
                 logger.warning("slot lease renewal failed: %s", exc)

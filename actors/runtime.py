@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any, Coroutine, List, Optional, TypeVar
+from typing import Any, Coroutine, List, Optional, Tuple, TypeVar
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
@@ -99,6 +99,18 @@ class WorkerRuntime(dramatiq.Middleware):
         assert self.loop is not None, "the worker runtime has not booted"
         future: Future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
         return future.result(timeout)
+
+    def redis(self, *commands: Tuple[Any, ...]) -> List[Any]:
+        """Run Redis commands (each ``(name, *args)``) from an actor thread on the process's
+        one connection, batched with the other calls of the moment
+        (``DeliberationStore.batched``): hundreds of threads need no connection each."""
+        assert self.store is not None, "the worker runtime has not booted"
+        return self.run(self.store.batched(*commands))
+
+    def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
+        """``redis`` for a Lua script."""
+        assert self.store is not None, "the worker runtime has not booted"
+        return self.run(self.store.eval(source, keys, args))
 
     # --- threads ---
 
