@@ -90,6 +90,7 @@ class NatsIngress:
         self._runner: Optional[asyncio.Task[None]] = None
         self._tasks: Set[asyncio.Task[None]] = set()
         self._pause_until = 0.0
+        self._enqueuing: Dict[int, Tuple[Msg, float]] = {}  # id(msg) -> (msg, loop time)
 
     async def start(self, nc: NATS) -> None:
         """Start consuming on ``nc`` (``attach_nats``'s ``on_connected``); returns at once."""
@@ -122,6 +123,7 @@ class NatsIngress:
                 await self._sleep(2.0)
         loop = asyncio.get_event_loop()
         busy = False
+        keep_alive = asyncio.ensure_future(self._keep_alive())
         try:
             while sub is not None and not self._stopping:
                 room = self.settings.nats_max_in_flight - len(self._tasks)
@@ -150,6 +152,7 @@ class NatsIngress:
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
+            keep_alive.cancel()
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -235,18 +238,26 @@ class NatsIngress:
 
     async def _submit(self, msg: Msg, request: pb.ExecuteDeliberationRequest,
                       traceparent: str) -> Tuple[str, bool]:
-        """``Ingress.submit``, telling JetStream we are still at it while it is slow."""
-        task = asyncio.ensure_future(self.ingress.submit(request, traceparent, source="nats"))
-        waited = 0.0
+        """``Ingress.submit`` within ``SUBMIT_TIMEOUT``; while it is slow, ``_keep_alive``
+        tells JetStream we are still at it."""
+        self._enqueuing[id(msg)] = (msg, asyncio.get_running_loop().time())
+        try:
+            return await asyncio.wait_for(
+                self.ingress.submit(request, traceparent, source="nats"), SUBMIT_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise StateUnavailable(f"enqueue took more than {SUBMIT_TIMEOUT:.0f}s") from None
+        finally:
+            del self._enqueuing[id(msg)]
+
+    async def _keep_alive(self) -> None:
+        """``in_progress`` for every message whose enqueue has taken ``PROGRESS_EVERY``: one
+        timer for all of them rather than one per message."""
+        loop = asyncio.get_running_loop()
         while True:
-            try:
-                return await asyncio.wait_for(asyncio.shield(task), PROGRESS_EVERY)
-            except asyncio.TimeoutError:
-                waited += PROGRESS_EVERY
-                if waited >= SUBMIT_TIMEOUT:
-                    task.cancel()
-                    raise StateUnavailable(f"enqueue took more than {SUBMIT_TIMEOUT:.0f}s") \
-                        from None
+            await asyncio.sleep(PROGRESS_EVERY / 2)
+            slow = [msg for msg, since in list(self._enqueuing.values())
+                    if loop.time() - since >= PROGRESS_EVERY]
+            for msg in slow:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 

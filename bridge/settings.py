@@ -235,7 +235,7 @@ class Settings:
         minimum=1,
     )
     nats_max_in_flight: int = _setting(
-        PREFIX + "NATS_MAX_IN_FLIGHT", 64, "Ingress requests one bridge works on at once.",
+        PREFIX + "NATS_MAX_IN_FLIGHT", 256, "Ingress requests one bridge works on at once.",
         minimum=1,
     )
 

@@ -8,8 +8,9 @@ written before a request has passed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import unicodedata
-from typing import Any, Dict, List
+from typing import Any, Dict, FrozenSet, List, Tuple
 from urllib.parse import urlparse
 
 from bridge.contract import AgentJob
@@ -102,7 +103,11 @@ def _identifier(field: str, value: str) -> str:
         raise InvalidRequest(field, "is required")
     if len(value) > MAX_ID_CHARS:
         raise InvalidRequest(field, f"longer than {MAX_ID_CHARS} characters")
-    if any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in value):
+    if value.isascii():  # the usual case, checked without a per-character loop
+        bad = " " in value or not value.isprintable()
+    else:
+        bad = any(ch.isspace() or unicodedata.category(ch)[0] == "C" for ch in value)
+    if bad:
         raise InvalidRequest(field, "must not contain spaces or control characters")
     return value
 
@@ -129,10 +134,15 @@ def _role(field: str, value: str, settings: Settings, *, required: bool) -> str:
         return ""
     if len(role) > 64 or not all(ch.isalnum() or ch in "_-" for ch in role):
         raise InvalidRequest(field, "must be a short name of letters, digits, '_' or '-'")
-    allowed = {r.upper() for r in settings.allowed_roles}
+    allowed = _upper(settings.allowed_roles)
     if allowed and role not in allowed:
         raise InvalidRequest(field, f"unknown role {role!r}; allowed: {sorted(allowed)}")
     return role
+
+
+@functools.lru_cache(maxsize=8)
+def _upper(roles: Tuple[str, ...]) -> FrozenSet[str]:
+    return frozenset(role.upper() for role in roles)
 
 
 def _metadata(metadata: Any, settings: Settings) -> Dict[str, str]:
