@@ -52,11 +52,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["dramatiq_prom_port"] = str(settings.metrics_port)
     env["dramatiq_prom_db"] = tempfile.mkdtemp(prefix="rx-metrics-")
     env["dramatiq_prom_lock"] = env["dramatiq_prom_db"] + ".lock"
-    if settings.worker_prefetch:
-        env["dramatiq_queue_prefetch"] = str(settings.worker_prefetch)
+    env["dramatiq_queue_prefetch"] = str(queue_prefetch(settings))
     args = dramatiq_argv(settings)
     os.execve(args[0], args, env)
     return 0  # not reached
+
+
+def queue_prefetch(settings: Settings) -> int:
+    """Messages each process reserves: ``RAY_EXECUTOR_WORKER_PREFETCH``, or by default the
+    process's share of ``RAY_EXECUTOR_VLLM_CONCURRENCY`` (at most Dramatiq's 2 x threads). A
+    process holding more jobs than the limit lets it run only has the limiter refuse them and
+    put them back through the delay queue, again and again."""
+    if settings.worker_prefetch:
+        return settings.worker_prefetch
+    share = -(-settings.vllm_concurrency // settings.worker_processes)  # ceiling
+    return max(1, min(2 * settings.worker_threads, share))
 
 
 if __name__ == "__main__":

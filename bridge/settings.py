@@ -162,7 +162,8 @@ class Settings:
     worker_prefetch: int = _setting(
         PREFIX + "WORKER_PREFETCH",
         0,
-        "Messages a process reserves ahead; 0: Dramatiq's default (2 x threads).",
+        "Messages a process reserves ahead; 0: its share of RAY_EXECUTOR_VLLM_CONCURRENCY "
+        "(at most 2 x threads).",
         minimum=0,
     )
     worker_poll_ms: int = _setting(
