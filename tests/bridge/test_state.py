@@ -1,0 +1,112 @@
+"""DeliberationStore against a real valkey: calls made together share one pipeline, a bad
+command fails only its caller, scripts come back after SCRIPT FLUSH, and an unreachable Redis
+is reported as StateUnavailable to every caller."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any, Awaitable, Callable, List, Tuple
+
+import redis.exceptions
+
+from bridge import servers
+from bridge.contract import AgentJob
+from bridge.settings import Settings
+from bridge.state import DeliberationStore, StateUnavailable, connect, queue_key
+
+
+def job(deliberation_id: str) -> AgentJob:
+    return AgentJob(deliberation_id=deliberation_id, task_id=f"task-{deliberation_id}",
+                    agent_id="agent-0", agent_index=0, num_agents=1, role="DEV", model="m",
+                    prompt_template="", task_description="d", task_role="DEV",
+                    vllm_url="http://127.0.0.1:9/", timeout_seconds=30, max_retries=1)
+
+
+def run(redis_url: str, scenario: Callable[[DeliberationStore], Awaitable[Any]]) -> Any:
+    settings = Settings(redis_url=redis_url, queue=f"q{uuid.uuid4().hex[:8]}",
+                        key_prefix=f"t{uuid.uuid4().hex[:8]}")
+
+    async def main() -> Any:
+        client = connect(redis_url)
+        try:
+            return await scenario(DeliberationStore(client, settings))
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+async def submit(store: DeliberationStore) -> Tuple[str, bool, Any]:
+    did = f"delib-{uuid.uuid4().hex}"
+    record = {"id": did, "task_id": f"task-{did}", "role": "DEV", "story_id": "",
+              "plan_id": "", "vllm_url": "http://127.0.0.1:9/", "model": "m"}
+    return await store.submit(f"task:{did}", record, [job(did)])
+
+
+def test_concurrent_calls_share_pipelines(redis_url: str) -> None:
+    pipelines: List[int] = []
+
+    async def scenario(store: DeliberationStore) -> Any:
+        pipelined = store.pipelined
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            pipelines.append(1)
+            return await pipelined(*args, **kwargs)
+
+        store.pipelined = counted  # type: ignore[method-assign]
+        results = await asyncio.gather(*(submit(store) for _ in range(100)))
+        queued = await store.redis.llen(queue_key(store.settings.queue))
+        return results, queued
+
+    results, queued = run(redis_url, scenario)
+    assert all(created for _, created, _ in results)
+    assert queued == 100
+    assert len(pipelines) < 10, f"100 submits took {len(pipelines)} pipelines"
+
+
+def test_a_failing_command_fails_only_its_caller(redis_url: str) -> None:
+    async def scenario(store: DeliberationStore) -> Any:
+        await store.redis.rpush(f"{store.keys.prefix}:a-list", "x")
+        return await asyncio.gather(
+            submit(store), store.batched(("HSET", f"{store.keys.prefix}:a-list", "f", "v")),
+            submit(store), return_exceptions=True)
+
+    first, wrong, second = run(redis_url, scenario)
+    assert isinstance(wrong, redis.exceptions.ResponseError) and "WRONGTYPE" in str(wrong)
+    assert first[1] and second[1]
+
+
+def test_scripts_are_loaded_again_after_a_flush(redis_url: str) -> None:
+    async def scenario(store: DeliberationStore) -> Any:
+        await submit(store)
+        await store.redis.script_flush()
+        return await asyncio.gather(submit(store), submit(store))
+
+    assert all(created for _, created, _ in run(redis_url, scenario))
+
+
+def test_unreachable_redis_fails_every_caller_with_state_unavailable() -> None:
+    url = f"redis://127.0.0.1:{servers.free_port()}/0"  # nothing listens there
+
+    async def scenario(store: DeliberationStore) -> Any:
+        return await asyncio.gather(submit(store), store.batched(("GET", "x")),
+                                    return_exceptions=True)
+
+    for outcome in run(url, scenario):
+        assert isinstance(outcome, StateUnavailable), outcome
+
+
+def test_idempotency_holds_within_one_pipeline(redis_url: str) -> None:
+    async def scenario(store: DeliberationStore) -> Any:
+        did = f"delib-{uuid.uuid4().hex}"
+        record = {"id": did, "task_id": "same-task", "role": "DEV", "story_id": "",
+                  "plan_id": "", "vllm_url": "http://127.0.0.1:9/", "model": "m"}
+        other = dict(record, id=f"delib-{uuid.uuid4().hex}")
+        return await asyncio.gather(store.submit("task:same", record, [job(did)]),
+                                    store.submit("task:same", other, [job(other["id"])]))
+
+    (first_id, first_created, _), (second_id, second_created, _) = run(redis_url, scenario)
+    assert (first_created, second_created) == (True, False)
+    assert second_id == first_id
+
