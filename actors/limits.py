@@ -122,10 +122,10 @@ class ConcurrencyLimiter(dramatiq.Middleware):
             held = self._held.pop(message_id, None)
         if held is not None:
             metrics.get().slots_in_use.dec()
-            try:
-                self.runtime.redis(("ZREM", *held))
-            except Exception as exc:  # the lease expires by itself
-                logger.warning("slot release failed (%s); it expires in %d ms", exc, LEASE_MS)
+            # Not waited for: the job's thread moves on to its ack (if this fails, the lease
+            # expires by itself).
+            self.runtime.redis_soon(("ZREM", *held),
+                                    failed=f"slot release failed (it expires in {LEASE_MS} ms)")
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_SECONDS):

@@ -107,6 +107,17 @@ class WorkerRuntime(dramatiq.Middleware):
         assert self.store is not None, "the worker runtime has not booted"
         return self.run(self.store.batched(*commands))
 
+    def redis_soon(self, *commands: Tuple[Any, ...], failed: str = "") -> None:
+        """``redis`` without waiting for the reply; a failure is logged with ``failed``."""
+        assert self.loop is not None and self.store is not None, "the worker runtime has not booted"
+        future = asyncio.run_coroutine_threadsafe(self.store.batched(*commands), self.loop)
+
+        def report(done: Future) -> None:
+            if not done.cancelled() and done.exception() is not None:
+                logger.warning("%s: %s", failed or "Redis call failed", done.exception())
+
+        future.add_done_callback(report)
+
     def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
         """``redis`` for a Lua script."""
         assert self.store is not None, "the worker runtime has not booted"
