@@ -20,6 +20,9 @@ from bridge.settings import Settings
 logger = logging.getLogger("ray_executor.worker")
 
 
+FORK_TIMEOUT_MS = 10 * 60 * 1000
+
+
 def dramatiq_argv(settings: Settings) -> List[str]:
     return [
         sys.executable, "-m", "dramatiq", "actors.worker",
@@ -27,6 +30,10 @@ def dramatiq_argv(settings: Settings) -> List[str]:
         "--threads", str(settings.worker_threads),
         "--queues", settings.queue,
         "--worker-shutdown-timeout", str(settings.worker_shutdown_timeout * 1000),
+        # Dramatiq starts its fork processes (the Prometheus exposition server) once every
+        # worker process has booted, giving up after this; ours connect to Ray and create
+        # runners at boot, which past Dramatiq's 30 s left the group without /metrics.
+        "--worker-fork-timeout", str(FORK_TIMEOUT_MS),
     ]
 
 
