@@ -73,8 +73,7 @@ class CircuitBreaker(dramatiq.Middleware):
         self._dirty: Set[str] = set()
         self._clean_until: Dict[str, float] = {}  # endpoint -> monotonic time
 
-    def _keys(self, message: Any) -> list:
-        endpoint = endpoint_key(message)
+    def _keys(self, endpoint: str) -> list:
         return [f"{self.prefix}:{endpoint}", f"{self.prefix}:{endpoint}:probe"]
 
     def _cooldown_ms(self, broker: dramatiq.Broker, message: Any) -> int:
@@ -88,34 +87,35 @@ class CircuitBreaker(dramatiq.Middleware):
         if self._clean_until.get(endpoint, 0.0) > time.monotonic():
             return
         cooldown = self._cooldown_ms(broker, message)
-        verdict = self.runtime.eval(_ALLOW, self._keys(message),
+        verdict = self.runtime.eval(_ALLOW, self._keys(endpoint),
                                     [int(time.time() * 1000), message.message_id, cooldown])
         if verdict == "clean":
             self._clean_until[endpoint] = time.monotonic() + CLEAN_SECONDS
         if verdict == "open":
             delay = int(random.uniform(0.5, 1.0) * cooldown)
             broker.enqueue(message.copy(), delay=delay)
-            logger.info("circuit open for %s; job back in %d ms", redact(endpoint_key(message)),
+            logger.info("circuit open for %s; job back in %d ms", redact(endpoint),
                         delay, extra=message_context(message))
             metrics.get().circuit_waits.inc()
             raise SkipMessage("circuit open")
         if verdict != "clean":
             self._dirty.add(message.message_id)
         if verdict == "probe":
-            logger.info("circuit half-open for %s: probing", redact(endpoint_key(message)),
+            logger.info("circuit half-open for %s: probing", redact(endpoint),
                         extra=message_context(message))
 
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
                               result: Any = None, exception: Any = None) -> None:
         dirty = message.message_id in self._dirty
         self._dirty.discard(message.message_id)
-        keys = self._keys(message)
+        endpoint = endpoint_key(message)
+        keys = self._keys(endpoint)
         error_type = getattr(exception, "error_type", "") if exception is not None else ""
         if exception is None or error_type not in SERVER_SIDE:
             if exception is None and dirty:
                 self.runtime.redis(("DEL", *keys))  # a success closes the circuit
             return
-        self._clean_until.pop(endpoint_key(message), None)
+        self._clean_until.pop(endpoint, None)
         actor = broker.get_actor(message.actor_name)
         threshold = int(message.options.get("circuit_failures", actor.options.get(
             "circuit_failures", self.settings.circuit_failures)))
@@ -124,7 +124,7 @@ class CircuitBreaker(dramatiq.Middleware):
                                                     message.message_id])
         if opened:
             metrics.get().circuit_open.inc()
-            logger.warning("circuit opened for %s after %s", redact(endpoint_key(message)),
+            logger.warning("circuit opened for %s after %s", redact(endpoint),
                            error_type, extra=message_context(message))
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:

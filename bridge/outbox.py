@@ -81,17 +81,14 @@ class Outbox:
         record = finished.record
         if record is None:
             return
-        agent = next(a for a in finished.agents if a["agent_id"] == agent_id)
-        sends = [self.publish_rendered(
-            contract.event_id(record["id"], agent["status"], agent_id),
-            self.subjects.agent(agent["status"]), contract.agent_event(record, agent),
-            _headers(record))]
+        status = next(a["status"] for a in finished.agents if a["agent_id"] == agent_id)
+        events = [(status, agent_id)]
         if finished.what == "final":
-            sends.append(self.publish_rendered(
-                contract.event_id(record["id"], finished.final),
-                self.subjects.deliberation(finished.final),
-                contract.deliberation_event(record, finished.agents), _headers(record)))
-        await asyncio.gather(*sends)
+            events.append((finished.final, ""))
+        await asyncio.gather(*(
+            self.publish_rendered(contract.event_id(record["id"], event, who),
+                                  *self._rendered(event, record, finished.agents, who))
+            for event, who in events))
 
     async def flush_due(self, limit: int = 200) -> int:
         """Claim entries whose lease passed and publish them."""
@@ -155,18 +152,22 @@ class Outbox:
         if found is None:
             return None
         record, agents = found
-        headers = _headers(record)
-        if entry["kind"] == "agent":
-            agent: List[Dict] = [a for a in agents if a["agent_id"] == entry["agent_id"]]
-            if not agent:
-                return None
-            return self.subjects.agent(entry["event"]), contract.agent_event(record, agent[0]), \
-                headers
-        if entry["event"] == "submitted":
-            payload = contract.deliberation_submitted(record, agents)
-        else:
-            payload = contract.deliberation_event(record, agents)
-        return self.subjects.deliberation(entry["event"]), payload, headers
+        agent_id = entry["agent_id"] if entry["kind"] == "agent" else ""
+        if agent_id and not any(a["agent_id"] == agent_id for a in agents):
+            return None
+        return self._rendered(entry["event"], record, agents, agent_id)
+
+    def _rendered(self, event: str, record: Dict[str, str], agents: List[Dict[str, Any]],
+                  agent_id: str = "") -> tuple:
+        """Subject, payload and headers of a deliberation's ``event`` (of one of its agents
+        when ``agent_id`` is given), from its state."""
+        if agent_id:
+            agent = next(a for a in agents if a["agent_id"] == agent_id)
+            return self.subjects.agent(event), contract.agent_event(record, agent), \
+                _headers(record)
+        payload = (contract.deliberation_submitted(record, agents) if event == "submitted"
+                   else contract.deliberation_event(record, agents))
+        return self.subjects.deliberation(event), payload, _headers(record)
 
     async def _forget(self, event_id: str) -> None:
         keys = self.store.keys

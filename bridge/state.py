@@ -164,8 +164,7 @@ class DeliberationStore:
             pipe.hvals(self.keys.agents(deliberation_id))))
         if not record:
             return None
-        decoded = sorted((json.loads(a) for a in agents), key=lambda a: a.get("index", 0))
-        return record, decoded
+        return record, _decode_agents(agents)
 
     async def active_jobs(self) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
         """(deliberation record, agent) of every agent job queued or running."""
@@ -246,7 +245,7 @@ class DeliberationStore:
             return Finished(str(result[0]))
         record = dict(zip(result[2][::2], result[2][1::2]))
         agents = [json.loads(result[3])] if isinstance(result[3], str) else \
-            sorted((json.loads(a) for a in result[3]), key=lambda a: a.get("index", 0))
+            _decode_agents(result[3])
         return Finished(str(result[0]), str(result[1]), record, agents)
 
     async def is_cancelled(self, deliberation_id: str) -> bool:
@@ -345,6 +344,11 @@ class DeliberationStore:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+
+
+def _decode_agents(raw: List[str]) -> List[Dict[str, Any]]:
+    """A deliberation's stored agents (JSON each), in their request order."""
+    return sorted((json.loads(a) for a in raw), key=lambda a: a.get("index", 0))
 
 
 def new_deliberation_id() -> str:
