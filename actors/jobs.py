@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional
+from typing import Any, Awaitable, Callable, Dict, Optional, Type, TypeVar
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
@@ -32,6 +32,7 @@ from opentelemetry import propagate, trace
 
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
+from actors.limits import ConcurrencyLimiter
 from actors.runner import RayLost, RayRunners
 from actors.runtime import WorkerRuntime
 from bridge import contract
@@ -95,13 +96,17 @@ def declare_actors(broker: dramatiq.Broker) -> None:
     Kept apart from ``job_kind`` so importing a kind's module (as Ray does on the cluster to
     unpickle its function) declares nothing.
     """
-    runtime = _runtime(broker)
+    runtime = _middleware(broker, WorkerRuntime)
+    if runtime is None:
+        raise RuntimeError("job kinds need a broker with the WorkerRuntime middleware "
+                           "(actors.broker.make_broker)")
+    limiter = _middleware(broker, ConcurrencyLimiter)
     for kind in KINDS.values():
         if kind.name in broker.actors:
             continue
 
         def run_job(_kind: JobKind = kind, **kwargs: Any) -> None:
-            execute(runtime, _kind, AgentJob.from_kwargs(kwargs))
+            execute(runtime, _kind, AgentJob.from_kwargs(kwargs), limiter)
 
         run_job.__name__ = kind.name
         dramatiq.actor(run_job, actor_name=kind.name, queue_name=runtime.settings.queue,
@@ -109,8 +114,10 @@ def declare_actors(broker: dramatiq.Broker) -> None:
                        time_limit=TIME_LIMIT_BACKSTOP_MS)
 
 
-def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
-    """One attempt of one job (the body of every job kind's actor)."""
+def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
+            limiter: Optional[ConcurrencyLimiter] = None) -> None:
+    """One attempt of one job (the body of every job kind's actor); ``limiter``'s slot is
+    freed as soon as the Ray call ends."""
     message = CurrentMessage.get_current_message()
     retry = int(message.options.get("retries", 0)) if message else 0
     traceparent = str(message.options.get("traceparent") or "") if message else ""
@@ -129,7 +136,8 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob) -> None:
             "ray_executor.agent_job", context=propagate.extract({"traceparent": traceparent}),
             kind=trace.SpanKind.CONSUMER, attributes=attributes):
         try:
-            _attempt(runtime, kind, job, retry, log)
+            _attempt(runtime, kind, job, retry, log,
+                     lambda: limiter.release(message.message_id) if limiter and message else None)
         except WaitForRay as wait:
             # Ray being away is not the job's fault: put it back for later without spending
             # its retries (Dramatiq acks this delivery; the copy keeps the retry count).
@@ -162,15 +170,17 @@ def _traced(job: AgentJob, traceparent: str) -> AgentJob:
 
 
 def _attempt(runtime: WorkerRuntime, kind: JobKind, job: AgentJob, retry: int,
-             log: Dict[str, Any]) -> None:
+             log: Dict[str, Any], release_slot: Callable[[], None]) -> None:
     # One hand-off to the process's event loop for the whole attempt: the thread only waits,
     # so in-flight jobs cost no GIL wake-ups per step (state, Ray, NATS all run on the loop).
     traced = _traced(job, log.get("traceparent", ""))
-    runtime.run(_attempt_on_loop(runtime, kind, job, traced, retry, log), timeout=None)
+    runtime.run(_attempt_on_loop(runtime, kind, job, traced, retry, log, release_slot),
+                timeout=None)
 
 
 async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
-                           traced: AgentJob, retry: int, log: Dict[str, Any]) -> None:
+                           traced: AgentJob, retry: int, log: Dict[str, Any],
+                           release_slot: Callable[[], None]) -> None:
     store = runtime.store
     assert store is not None
     verdict, attempt = await store.start(job, retry)
@@ -181,8 +191,11 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
         return
     started = time.monotonic()
     try:
-        result = await RayRunners.of(runtime).run(
-            kind, traced, is_cancelled=lambda: store.is_cancelled(job.deliberation_id))
+        try:
+            result = await RayRunners.of(runtime).run(
+                kind, traced, is_cancelled=lambda: store.is_cancelled(job.deliberation_id))
+        finally:
+            release_slot()  # the vLLM call is over: the next job may start while this records
     except Exception as exc:
         await _failed(runtime, job, exc, attempt, retry, started, log)
         return
@@ -251,10 +264,9 @@ async def _publish(runtime: WorkerRuntime, job: AgentJob) -> None:
                           for agent_id in (job.agent_id, "")])
 
 
-def _runtime(broker: dramatiq.Broker) -> WorkerRuntime:
-    for middleware in broker.middleware:
-        if isinstance(middleware, WorkerRuntime):
-            return middleware
-    raise RuntimeError("job kinds need a broker with the WorkerRuntime middleware "
-                       "(actors.broker.make_broker)")
+M = TypeVar("M", bound=dramatiq.Middleware)
+
+
+def _middleware(broker: dramatiq.Broker, kind: Type[M]) -> Optional[M]:
+    return next((m for m in broker.middleware if isinstance(m, kind)), None)
 

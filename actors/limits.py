@@ -112,12 +112,17 @@ class ConcurrencyLimiter(dramatiq.Middleware):
 
     def after_process_message(self, broker: dramatiq.Broker, message: Any, *,
                               result: Any = None, exception: Any = None) -> None:
-        self._release(message.message_id)
+        self.release(message.message_id)
 
     def after_skip_message(self, broker: dramatiq.Broker, message: Any) -> None:
-        self._release(message.message_id)
+        self.release(message.message_id)
 
-    def _release(self, message_id: str) -> None:
+    def release(self, message_id: str) -> None:
+        """Free the slot ``message_id`` holds, if any (safe from any thread, and again).
+
+        Job kinds call this as soon as their Ray call ends, so the slot is not held while the
+        outcome is recorded and published (the vLLM call is over by then).
+        """
         with self._lock:
             held = self._held.pop(message_id, None)
         if held is not None:
