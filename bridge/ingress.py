@@ -90,11 +90,10 @@ class Ingress:
         if self.outbox is None:
             return
         agents = [{"agent_id": job.agent_id, "role": job.role} for job in plan.jobs]
-        self._track(self.outbox.publish_rendered(
-            contract.event_id(deliberation_id, "submitted"),
-            self.outbox.subjects.deliberation("submitted"),
-            contract.deliberation_submitted(stored, agents),
-            {"traceparent": traceparent} if traceparent else {}))
+        self.outbox.send(contract.event_id(deliberation_id, "submitted"),
+                         self.outbox.subjects.deliberation("submitted"),
+                         contract.deliberation_submitted(stored, agents),
+                         {"traceparent": traceparent} if traceparent else {})
 
     def _publish_later(self, event_id: str) -> None:
         if self.outbox is not None:
@@ -109,3 +108,5 @@ class Ingress:
         """Wait for background publishes (on shutdown)."""
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+        if self.outbox is not None:
+            await self.outbox.drain()
