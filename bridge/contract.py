@@ -12,7 +12,7 @@ same content under the same ``Nats-Msg-Id``.
 from __future__ import annotations
 
 import dataclasses
-import datetime
+import functools
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -37,10 +37,14 @@ def now_ms() -> int:
 
 def iso(ms: Optional[int] = None) -> str:
     """ISO-8601 UTC with milliseconds, e.g. ``2026-11-29T10:00:00.000Z``."""
-    stamp = datetime.datetime.fromtimestamp(
-        (now_ms() if ms is None else ms) / 1000, datetime.timezone.utc
-    )
-    return stamp.strftime("%Y-%m-%dT%H:%M:%S.") + f"{stamp.microsecond // 1000:03d}Z"
+    ms = now_ms() if ms is None else int(ms)
+    return f"{_iso_second(ms // 1000)}{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=8)
+def _iso_second(second: int) -> str:
+    # Events come many to a second: formatting each second once saves most of the cost.
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
 
 
 @dataclasses.dataclass(frozen=True)

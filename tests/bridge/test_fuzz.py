@@ -10,9 +10,13 @@ from typing import Any, Callable, Dict, List
 
 import grpc
 import nats
+from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bridge.nats_ingress import NatsIngress
+from bridge.settings import Settings
+from bridge.validation import InvalidRequest
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess
 from tests.bridge.test_grpc_api import queued
@@ -113,3 +117,41 @@ def test_nats_answers_every_payload_on_reply_to(start_bridge: Callable[..., Brid
             assert answer["message"], answer
     submitted = {a["deliberation_id"] for a in answers if a["status"] == "submitted"}
     assert {m["kwargs"]["deliberation_id"] for m in queued(redis_url, bridge)} == submitted
+
+
+def shaped(value: Any) -> Any:
+    """``value``, or a JSON value of any other type in its place."""
+    return st.one_of(value, json_values)
+
+
+small_text = st.text(alphabet="aé\ud800 \x00", max_size=4)
+documents = st.fixed_dictionaries({}, optional={
+    "task_id": shaped(small_text), "taskDescription": shaped(small_text),
+    "constraints": shaped(st.fixed_dictionaries({}, optional={
+        "timeout_seconds": shaped(st.integers(-2**33, 2**33)), "max_retries": shaped(
+            st.floats(-5, 5)), "metadata": shaped(st.dictionaries(small_text, small_text)),
+        "story_id": shaped(small_text)})),
+    "agents": shaped(st.lists(shaped(st.fixed_dictionaries({}, optional={
+        "id": shaped(small_text), "promptTemplate": shaped(small_text)})), max_size=3)),
+})
+
+
+def test_nats_json_is_read_exactly_as_protobuf_json_reads_it() -> None:
+    """The NATS ingress builds plainly typed requests with the message constructor, a fast
+    path: it must accept and refuse exactly what ``json_format.ParseDict`` does."""
+    ingress = NatsIngress(None, Settings(), None)  # type: ignore[arg-type]
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(documents)
+    def check(document: Dict[str, Any]) -> None:
+        try:
+            expected: Any = json_format.ParseDict(document, pb.ExecuteDeliberationRequest())
+        except (json_format.Error, ValueError, TypeError):
+            expected = "refused"
+        try:
+            parsed: Any = ingress._parse(json.dumps(document).encode("utf-8", "surrogatepass"))
+        except InvalidRequest:
+            parsed = "refused"
+        assert parsed == expected
+
+    check()
