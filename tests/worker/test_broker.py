@@ -1,10 +1,13 @@
-"""The workers' broker settings: how far ahead a process reserves jobs, and how long an idle
-consumer may pause between polls (real valkey)."""
+"""The workers' broker settings: how far ahead a process reserves jobs, how long an idle
+consumer may pause between polls, and how soon a full prefetch is refilled (real valkey)."""
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+
+import dramatiq
 
 from actors.__main__ import queue_prefetch
 from actors.broker import WorkerBroker
@@ -32,5 +35,30 @@ def test_an_idle_consumer_polls_at_most_every_poll_ms(redis_url: str) -> None:
             assert next(consumer) is None
             pauses.append(time.monotonic() - started)
         assert max(pauses) < 0.2, pauses
+    finally:
+        broker.close()
+
+
+def test_a_full_prefetch_is_refilled_as_soon_as_a_job_is_acked(redis_url: str) -> None:
+    broker = WorkerBroker(url=redis_url, poll_ms=1000, middleware=[])
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    broker.declare_queue(queue)
+    for _ in range(3):
+        broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="a", args=(), kwargs={},
+                                        options={}))
+    try:
+        consumer = broker.consume(queue, prefetch=1, timeout=1000)
+        first = next(consumer)
+        assert first is not None
+        consumer.misses = 20  # long idle: Dramatiq's own backoff would now pause 0.5-1 s
+        threading.Timer(0.05, consumer.ack, args=(first,)).start()
+        started = time.monotonic()
+        while True:  # full: each call waits for room (or the 1 s poll), then fetches
+            second = next(consumer)
+            if second is not None:
+                break
+        waited = time.monotonic() - started
+        assert second.message_id != first.message_id
+        assert waited < 0.3, f"refilled {waited:.2f}s after the ack, not at once"
     finally:
         broker.close()
