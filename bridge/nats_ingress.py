@@ -37,7 +37,7 @@ import functools
 import json
 import logging
 import re
-from typing import Any, Dict, FrozenSet, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Mapping, Optional, Set, Tuple
 
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -342,44 +342,52 @@ _PYTHON_TYPES = {
 
 
 def _plain(document: Dict[str, Any], descriptor: Descriptor) -> bool:
-    """Whether ``document`` uses only the original field names of ``descriptor``, each
-    value of exactly its field's Python type (messages as objects, repeated messages as lists
-    of objects, ``map<string, string>`` as an object of strings)."""
-    fields = descriptor.fields_by_name
+    """Whether ``document`` uses only fields of ``descriptor`` that ``_shapes`` lists, each
+    value in exactly that shape."""
+    shapes = _shapes(descriptor)
     for name, value in document.items():
-        field = fields.get(name)
-        if field is None:
+        shape = shapes.get(name)
+        if shape is None:
             return False
-        message = field.message_type
-        if message is None:  # a list (repeated scalars) fails this too
-            if type(value) is not _PYTHON_TYPES.get(field.cpp_type):
-                return False
-        elif message.GetOptions().map_entry:
-            key, item = message.fields_by_name["key"], message.fields_by_name["value"]
-            if (key.cpp_type != FieldDescriptor.CPPTYPE_STRING
-                    or item.cpp_type != FieldDescriptor.CPPTYPE_STRING
-                    or type(value) is not dict
-                    or not all(type(v) is str for v in value.values())):
-                return False
-        elif message.full_name.startswith("google.protobuf."):  # well-known types
-            return False
-        elif name in _repeated(descriptor):
+        if isinstance(shape, list):
             if type(value) is not list or not all(
-                    type(v) is dict and _plain(v, message) for v in value):
+                    type(v) is dict and _plain(v, shape[0]) for v in value):
                 return False
-        elif type(value) is not dict or not _plain(value, message):
+        elif isinstance(shape, Descriptor):
+            if type(value) is not dict or not _plain(value, shape):
+                return False
+        elif shape is dict:
+            if type(value) is not dict or not all(type(v) is str for v in value.values()):
+                return False
+        elif type(value) is not shape:
             return False
     return True
 
 
 @functools.cache
-def _repeated(descriptor: Descriptor) -> FrozenSet[str]:
-    """Names of the repeated fields of ``descriptor`` (read from its proto form: the
-    descriptor's own ``label`` is deprecated)."""
+def _shapes(descriptor: Descriptor) -> Dict[str, Any]:
+    """The fields of ``descriptor`` plain JSON can hand to the constructor, by original name:
+    a scalar's Python type, ``dict`` for a ``map<string, string>``, a message's descriptor (in
+    a list when repeated). Left out, so they always take ParseDict: 64-bit integers, enums,
+    repeated scalars, other maps, well-known types. Worked out once per message type (the
+    descriptor's own ``label`` is deprecated: repeated-ness comes from its proto form)."""
     proto = descriptor_pb2.DescriptorProto()
     descriptor.CopyToProto(proto)
-    return frozenset(field.name for field in proto.field
-                     if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED)
+    repeated = {field.name for field in proto.field
+                if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED}
+    shapes: Dict[str, Any] = {}
+    for name, field in descriptor.fields_by_name.items():
+        message = field.message_type
+        if message is None:
+            if name not in repeated and field.cpp_type in _PYTHON_TYPES:
+                shapes[name] = _PYTHON_TYPES[field.cpp_type]
+        elif message.GetOptions().map_entry:
+            if all(message.fields_by_name[part].cpp_type == FieldDescriptor.CPPTYPE_STRING
+                   for part in ("key", "value")):
+                shapes[name] = dict
+        elif not message.full_name.startswith("google.protobuf."):
+            shapes[name] = [message] if name in repeated else message
+    return shapes
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:
