@@ -108,11 +108,18 @@ class WorkerRuntime(dramatiq.Middleware):
         return self.run(self.store.batched(*commands))
 
     def redis_soon(self, *commands: Tuple[Any, ...], failed: str = "") -> None:
-        """``redis`` without waiting for the reply; a failure is logged with ``failed``."""
+        """``redis`` without waiting for the reply, from an actor thread or the loop itself
+        (where it is scheduled directly, without waking the loop through its self-pipe); a
+        failure is logged with ``failed``."""
         assert self.loop is not None and self.store is not None, "the worker runtime has not booted"
-        future = asyncio.run_coroutine_threadsafe(self.store.batched(*commands), self.loop)
+        batch = self.store.batched(*commands)
+        future: Any
+        if _running_loop() is self.loop:
+            future = asyncio.ensure_future(batch)
+        else:
+            future = asyncio.run_coroutine_threadsafe(batch, self.loop)
 
-        def report(done: Future) -> None:
+        def report(done: Any) -> None:
             if not done.cancelled() and done.exception() is not None:
                 logger.warning("%s: %s", failed or "Redis call failed", done.exception())
 
@@ -166,3 +173,10 @@ class WorkerRuntime(dramatiq.Middleware):
                 except Exception as exc:  # Redis down: the next beat tries again
                     logger.warning("broker heartbeat failed: %s", exc)
                     break
+
+
+def _running_loop() -> Optional[asyncio.AbstractEventLoop]:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # not on a loop's thread
+        return None
