@@ -95,8 +95,8 @@ class Outbox:
         if finished.what == "final":
             events.append((finished.final, ""))
         await asyncio.gather(*(
-            self.publish_rendered(contract.event_id(record["id"], event, who),
-                                  *self._rendered(event, record, finished.agents, who))
+            self.send(contract.event_id(record["id"], event, who),
+                      *self._rendered(event, record, finished.agents, who))
             for event, who in events))
 
     async def flush_due(self, limit: int = 200) -> int:
@@ -131,18 +131,13 @@ class Outbox:
         if rendered is None:  # the state expired: nothing left to say
             await self._forget(event_id)
             return False
-        return await self.publish_rendered(event_id, *rendered)
-
-    async def publish_rendered(self, event_id: str, subject: str, payload: Dict[str, Any],
-                               headers: Dict[str, str]) -> bool:
-        """Publish an entry whose payload the caller rendered from the state it just wrote;
-        True once JetStream acked it and the entry is forgotten."""
-        return await self.send(event_id, subject, payload, headers)
+        return await self.send(event_id, *rendered)
 
     def send(self, event_id: str, subject: str, payload: Dict[str, Any],
              headers: Dict[str, str]) -> asyncio.Future:
-        """``publish_rendered`` for callers that need not wait: joins this turn's batch and
-        returns the future of its outcome (False when NATS is away or did not ack)."""
+        """Publish an entry whose payload the caller rendered from the state: it joins this
+        turn's batch. Returns the future of its outcome, True once JetStream acked it and the
+        entry is forgotten, False when NATS is away or did not ack (awaiting it is optional)."""
         outcome = asyncio.get_running_loop().create_future()
         if self.js is None:
             outcome.set_result(False)
@@ -166,11 +161,11 @@ class Outbox:
     async def _send_batch(self, batch: List[Tuple[str, str, Dict[str, Any], Dict[str, str],
                                                   asyncio.Future]]) -> None:
         js = self.js
+        assert js is not None  # send() queues only once NATS is attached, which lasts
         acks: List[asyncio.Future] = []
         for event_id, subject, payload, headers, _ in batch:
             headers["Nats-Msg-Id"] = event_id
             try:
-                assert js is not None, "NATS went away"
                 acks.append(await js.publish_async(subject, json.dumps(payload).encode(),
                                                    headers=headers))
             except Exception as exc:  # kept as this entry's outcome
