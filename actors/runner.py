@@ -1,19 +1,30 @@
 """Runners: one long-lived async Ray actor per job kind and worker process.
 
 A runner holds a kind's function, its resources and (for HTTP-calling kinds) a connection
-pool, and runs up to ``max_concurrency`` jobs at once as asyncio tasks. Submitting a job is a
-method call through the process's Ray client connection (a few ms), not the ≈430 ms of
-creating an actor. Cancelling the call (``ray.cancel``) cancels the job's asyncio task on the
-cluster, which closes its HTTP request.
+pool, and runs up to ``max_concurrency`` jobs at once as asyncio tasks. Jobs reach it in
+batches and their outcomes come back in batches:
+
+- Every job handed over in one turn of the process's event loop travels in one call, and one
+  ``Runner.collect`` long poll at a time brings back every outcome ready by then. The first
+  jobs go with the collect call itself (``Runner.start`` takes the ones handed over while it
+  waits), so a lone job costs one call and one fetch, as a plain call does. Measured
+  through one Ray client connection (1,000 zero-latency jobs, 64 in flight):
+  ≈ 2 ms of CPU per job across the machine, against 8 to 13 ms for one call and one result
+  fetch per job, since each Ray client call is a round trip through the client server.
+- Cancelling a job (its time limit passed, or its deliberation was cancelled) cancels its
+  asyncio task on the cluster through ``Runner.cancel``, which closes its HTTP request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from bridge.contract import AgentJob
 
@@ -23,6 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("ray_executor.runner")
 CANCEL_POLL = 2.0  # seconds between checks that the job's deliberation was not cancelled
+COLLECT_POLL = 1.0  # longest a Runner.collect call waits for an outcome
+Outcome = Tuple[bool, Any]  # (True, result) or (False, the job's exception)
 
 
 class JobTimeout(Exception):
@@ -50,16 +63,219 @@ class RayLost(Exception):
 
 
 class Runner:
-    """The Ray actor class (made remote in ``RayRunners._runner``)."""
+    """The Ray actor class (made remote in ``RayRunners._runner``); runs on the cluster.
 
-    def __init__(self, function: Callable[..., Any]) -> None:
+    Parameters:
+      function: the job kind's ``async def function(job) -> dict``.
+    """
+
+    def __init__(self, function: Callable[[AgentJob], Awaitable[Dict[str, Any]]]) -> None:
         self.function = function
-
-    async def run(self, job: AgentJob) -> Dict[str, Any]:
-        return await self.function(job)  # type: ignore[no-any-return]
+        self.tasks: Dict[str, asyncio.Task] = {}
+        self.outcomes: Dict[str, Outcome] = {}
+        self.ended: Optional[asyncio.Event] = None  # created on the actor's loop
 
     def ready(self) -> bool:
         return True
+
+    async def start(self, jobs: List[Tuple[str, AgentJob]]) -> None:
+        """Start each ``(key, job)``; its outcome waits for ``collect`` under ``key``."""
+        for key, job in jobs:
+            task = asyncio.ensure_future(self.function(job))
+            self.tasks[key] = task
+            task.add_done_callback(lambda done, key=key: self._ended(key, done))
+
+    async def collect(self, jobs: List[Tuple[str, AgentJob]],
+                      timeout: float) -> Dict[str, Outcome]:
+        """Start ``jobs`` (as ``start`` does), then return the outcomes ready now, or the
+        first ones within ``timeout`` seconds."""
+        await self.start(jobs)
+        if self.ended is None:
+            self.ended = asyncio.Event()
+        if not self.outcomes:
+            self.ended.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.ended.wait(), timeout)
+        outcomes, self.outcomes = self.outcomes, {}
+        return outcomes
+
+    async def cancel(self, keys: List[str]) -> None:
+        for key in keys:
+            task = self.tasks.pop(key, None)
+            if task is not None:
+                task.cancel()
+
+    def _ended(self, key: str, task: asyncio.Task) -> None:
+        if self.tasks.pop(key, None) is None:  # cancelled: the worker no longer waits for it
+            return
+        if task.cancelled():  # not by us: the actor is going away
+            self.outcomes[key] = (False, RayLost("the job's task was cancelled on the cluster"))
+        elif task.exception() is not None:
+            self.outcomes[key] = (False, _portable(task.exception()))
+        else:
+            self.outcomes[key] = (True, task.result())
+        if self.ended is not None:
+            self.ended.set()
+
+
+def _portable(error: BaseException) -> BaseException:
+    """``error`` if it survives pickling, else a ``JobError`` saying what it was: one
+    outcome that cannot travel must not fail the whole ``collect`` call."""
+    from ray import cloudpickle
+
+    try:
+        cloudpickle.loads(cloudpickle.dumps(error))
+        return error
+    except Exception:
+        return JobError(f"{type(error).__name__}: {error}")
+
+
+class RunnerCalls:
+    """One runner as this process's event loop sees it: hands jobs over in batches and hands
+    each job its outcome from the one ``collect`` loop. Used on the loop only.
+
+    Parameters:
+      handle: the runner's Ray actor handle.
+      lost: called once with the error when the runner or the connection is gone; every job
+        still waiting gets ``RayLost``.
+    """
+
+    _keys = itertools.count()
+
+    def __init__(self, handle: Any, lost: Callable[[BaseException], None]) -> None:
+        self.handle = handle
+        self.lost = lost
+        self.waiting: Dict[str, asyncio.Future] = {}
+        self.batch: List[Tuple[str, AgentJob]] = []
+        self.collector: Optional[asyncio.Future] = None
+        self.unassigned: Set[Any] = set()  # start calls the client server has not numbered
+        self.broken = False
+
+    def submit(self, job: AgentJob) -> Tuple[str, asyncio.Future]:
+        """Queue ``job`` for this loop turn's ``start`` call: ``(key, future outcome)``."""
+        loop = asyncio.get_running_loop()
+        key = f"{id(self):x}-{next(self._keys)}"
+        outcome = loop.create_future()
+        self.waiting[key] = outcome
+        if not self.batch:
+            loop.call_soon(self._start)
+        self.batch.append((key, job))
+        return key, outcome
+
+    def cancel(self, key: str) -> None:
+        """Stop waiting for ``key`` and cancel its job on the cluster (not waited for)."""
+        if self.waiting.pop(key, None) is None:  # settled already, or cancelled before
+            return
+        if any(queued == key for queued, _ in self.batch):
+            self.batch = [(k, job) for k, job in self.batch if k != key]
+        elif not self.broken:
+            try:
+                self.handle.cancel.remote([key])
+            except Exception as exc:  # the connection is gone: so is the job
+                logger.debug("cancel of %s not sent: %s", key, exc)
+
+    def _start(self) -> None:
+        jobs, self.batch = self.batch, []
+        if not jobs or self.broken:
+            return
+        if self.collector is None:  # the collect call takes them: one call for a lone job
+            self.collector = asyncio.ensure_future(self._collect(jobs))
+            return
+        try:
+            started = self.handle.start.remote(jobs)
+        except Exception as exc:
+            self._break(exc)
+            return
+        # Outcomes come back through collect, so the reply of start is not fetched (that
+        # would be one more round trip per batch). The ref is kept until the client server
+        # has assigned its id: dropping it sooner would block the loop in its __del__.
+        self.unassigned.add(started)
+        assigned = getattr(started, "_id_future", None)
+        if assigned is None:
+            self.unassigned.discard(started)
+        else:
+            _mirror(assigned).add_done_callback(
+                lambda done: self._assigned(jobs, started, done))
+
+    def _assigned(self, jobs: List[Tuple[str, AgentJob]], started: Any,
+                  done: asyncio.Future) -> None:
+        self.unassigned.discard(started)
+        error = None if done.cancelled() else done.exception()
+        if error is not None:  # the client server refused the call: no job of it runs
+            for key, _ in jobs:
+                self._settle(key, RayLost(f"jobs not handed to Ray: {type(error).__name__}: "
+                                          f"{error}"))
+
+    async def _collect(self, jobs: List[Tuple[str, AgentJob]]) -> None:
+        try:
+            while self.waiting and not self.broken:
+                try:
+                    outcomes = await _outcome(self.handle.collect.remote(jobs, COLLECT_POLL))
+                except Exception as exc:
+                    self._break(exc)
+                    return
+                jobs = []
+                for key, (ok, value) in outcomes.items():
+                    self._settle(key, value if ok else _job_error(value), ok)
+        finally:
+            self.collector = None
+
+    def _settle(self, key: str, value: Any, ok: bool = False) -> None:
+        outcome = self.waiting.pop(key, None)
+        if outcome is None or outcome.done():
+            return
+        if ok:
+            outcome.set_result(value)
+        else:
+            outcome.set_exception(value)
+
+    def _break(self, error: BaseException) -> None:
+        self.broken = True
+        for key in list(self.waiting):
+            self._settle(key, RayLost(f"lost Ray while waiting: {type(error).__name__}: "
+                                      f"{error}"))
+        self.lost(error)
+
+
+async def _outcome(ref: Any) -> Any:
+    """The value of a Ray client call, awaited without blocking the loop."""
+    # A Ray client ref learns its object id from the client server a round trip after
+    # .remote(), and ref.future() blocks until then: wait for that first.
+    id_assigned = getattr(ref, "_id_future", None)
+    if id_assigned is not None:
+        await _mirror(id_assigned)
+    return await _mirror(ref.future())
+
+
+def _mirror(future: concurrent.futures.Future) -> asyncio.Future:
+    """An asyncio future of the running loop that takes ``future``'s outcome. Unlike
+    ``asyncio.wrap_future``, cancelling it leaves ``future`` alone: the Ray client sets its
+    futures from its own thread whatever happens, and raises there if one was cancelled."""
+    loop = asyncio.get_running_loop()
+    mirror = loop.create_future()
+
+    def copy(done: concurrent.futures.Future) -> None:
+        if mirror.done():
+            return
+        if done.cancelled():
+            mirror.cancel()
+        elif done.exception() is not None:
+            mirror.set_exception(done.exception())  # type: ignore[arg-type]
+        else:
+            mirror.set_result(done.result())
+
+    def settled(done: concurrent.futures.Future) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits now
+            loop.call_soon_threadsafe(copy, done)
+
+    future.add_done_callback(settled)
+    return mirror
+
+
+def _job_error(error: BaseException) -> BaseException:
+    """The job's own exception as the worker raises it: classified errors as they are."""
+    return error if hasattr(error, "error_type") else JobError(f"{type(error).__name__}: "
+                                                               f"{error}")
 
 
 class RayRunners:
@@ -72,6 +288,7 @@ class RayRunners:
         self.runtime = runtime
         self.handles: Dict[str, Any] = {}
         self.lock = threading.Lock()
+        self.calls: Dict[str, RunnerCalls] = {}  # by kind; used on the loop only
 
     @classmethod
     def of(cls, runtime: WorkerRuntime) -> RayRunners:
@@ -80,26 +297,14 @@ class RayRunners:
 
     async def run(self, kind: JobKind, job: AgentJob,
                   is_cancelled: Callable[[], Awaitable[bool]]) -> Dict:
-        """Run ``job`` on the cluster, awaiting its result on the process's event loop.
+        """Run ``job`` on the cluster, awaiting its outcome on the process's event loop.
 
         Raises the job's own error, ``JobTimeout``, ``JobCancelled`` or ``RayLost``.
         """
-        import ray
-        from ray.exceptions import RayError, RayTaskError
-
         loop = asyncio.get_running_loop()
         try:
-            handle = self.handles.get(kind.name)
-            if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
-                handle = await loop.run_in_executor(None, self._runner, kind)
-            ref = handle.run.remote(job)
-            # A Ray client ref learns its object id from the client server a round trip
-            # after .remote(); ref.future() blocks until then. Waiting for it here keeps the
-            # loop free for the other jobs (blocking serialized every submission).
-            id_assigned = getattr(ref, "_id_future", None)
-            if id_assigned is not None:
-                await asyncio.wrap_future(id_assigned)
-            result = asyncio.wrap_future(ref.future())
+            calls = await self._calls(kind)
+            key, outcome = calls.submit(job)
         except Exception as exc:  # any failure to hand the job over means the client is gone
             self._reset()
             raise RayLost(f"cannot submit to Ray: {type(exc).__name__}: {exc}") from exc
@@ -108,30 +313,37 @@ class RayRunners:
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    ray.cancel(ref)
+                    calls.cancel(key)
                     raise JobTimeout(f"no answer within {job.timeout_seconds}s; Ray task cancelled")
-                done, _ = await asyncio.wait({result}, timeout=min(remaining, CANCEL_POLL))
+                done, _ = await asyncio.wait({outcome}, timeout=min(remaining, CANCEL_POLL))
                 if done:
-                    return result.result()  # type: ignore[no-any-return]
+                    return outcome.result()  # type: ignore[no-any-return]
                 if await is_cancelled():
-                    ray.cancel(ref)
+                    calls.cancel(key)
                     raise JobCancelled("deliberation cancelled")
-        except RayTaskError as exc:  # the job's own exception, raised on the cluster
-            cause = getattr(exc, "cause", None)
-            if cause is not None and hasattr(cause, "error_type"):
-                raise cause from None
-            raise JobError(f"{type(cause).__name__}: {cause}" if cause else str(exc)) from None
-        except (JobTimeout, JobCancelled):
-            raise
-        except RayError as exc:  # the runner, its worker or its node died
-            self._forget(kind)
-            raise RayLost(f"lost the job on Ray: {exc}") from exc
-        except Exception as exc:  # the client's channel broke (gRPC or connection errors)
-            self._reset()
-            raise RayLost(f"lost Ray while waiting: {type(exc).__name__}: {exc}") from exc
         finally:
-            if not result.done():  # timed out or cancelled: nobody will read its outcome
-                result.cancel()
+            calls.cancel(key)  # a no-op once settled; else stop its job on the cluster
+
+    async def _calls(self, kind: JobKind) -> RunnerCalls:
+        handle = self.handles.get(kind.name)
+        if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
+            handle = await asyncio.get_running_loop().run_in_executor(None, self._runner, kind)
+        calls = self.calls.get(kind.name)
+        if calls is None or calls.handle is not handle or calls.broken:
+            calls = RunnerCalls(handle, lambda error: self._lost(kind, handle, error))
+            self.calls[kind.name] = calls
+        return calls
+
+    def _lost(self, kind: JobKind, handle: Any, error: BaseException) -> None:
+        from ray.exceptions import RayError
+
+        if isinstance(error, RayError):  # the runner, its worker or its node died
+            with self.lock:
+                if self.handles.get(kind.name) is handle:
+                    del self.handles[kind.name]
+        else:  # the client's channel broke (gRPC or connection errors)
+            self._reset()
+        logger.warning("runner for %s lost: %s: %s", kind.name, type(error).__name__, error)
 
     def warm(self, kind: JobKind) -> None:
         """Create the runner of ``kind`` now rather than on its first job."""
@@ -153,10 +365,6 @@ class RayRunners:
                         time.monotonic() - started, kind.ray_options)
             self.handles[kind.name] = handle
             return handle
-
-    def _forget(self, kind: JobKind) -> None:
-        with self.lock:
-            self.handles.pop(kind.name, None)
 
     def _reset(self) -> None:
         with self.lock:

@@ -7,9 +7,10 @@ Runs in the worker environment (Python 3.9 + Ray; keep it 3.9-compatible)::
     python -m benchmarks.ray_direct --url ... inflight 64 256 1024
     python -m benchmarks.ray_direct --url ... idle 0       # only its memory
 
-It creates one async Ray actor exactly like a worker's runner (``actors.runner.Runner`` with the
-``vllm_agent`` kind's function and Ray options), so the Ray side does the same work as in our
-path, and prints one JSON line with the measurements.
+It creates one async Ray actor with the ``vllm_agent`` kind's function and Ray options, as a
+worker's runner has, and calls it the plain way: one ``.remote()`` per job, its result fetched
+per call (``ray.get`` of a batch, or awaited with asyncio). It prints one JSON line with the
+measurements.
 """
 
 from __future__ import annotations
@@ -26,8 +27,20 @@ import ray
 
 from actors import agents  # noqa: F401  (registers the vllm_agent kind)
 from actors.jobs import KINDS
-from actors.runner import Runner
 from bridge.contract import VLLM_AGENT, AgentJob
+
+
+class DirectRunner:
+    """The bare actor: one call, one job (pickled by value, as this runs as ``__main__``)."""
+
+    def __init__(self, function: Any) -> None:
+        self.function = function
+
+    async def run(self, job: AgentJob) -> Dict[str, Any]:
+        return await self.function(job)  # type: ignore[no-any-return]
+
+    def ready(self) -> bool:
+        return True
 
 
 def job(url: str) -> AgentJob:
@@ -72,7 +85,7 @@ def main() -> None:
                 raise
             time.sleep(3)
     kind = KINDS[VLLM_AGENT]
-    runner = ray.remote(Runner).options(**kind.ray_options).remote(kind.function)
+    runner = ray.remote(DirectRunner).options(**kind.ray_options).remote(kind.function)
     ray.get(runner.ready.remote())
     ray.get([runner.run.remote(job(args.url)) for _ in range(8)])  # warm: HTTP pool, code
     out: Dict[str, Any] = {"connect_and_runner_s": round(time.perf_counter() - connect_started,

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from typing import Any, Dict
 
 from actors.jobs import job_kind
 from bridge.contract import AgentJob
+
+
+class Unpicklable(Exception):
+    pass
 
 
 @job_kind("echo_test", num_cpus=0)
@@ -16,5 +21,7 @@ async def echo_test(job: AgentJob) -> Dict[str, Any]:
     await asyncio.sleep(float(job.metadata.get("sleep", "0")))
     if job.metadata.get("fail") == "permanent":
         raise ValueError("asked to fail")
+    if job.metadata.get("fail") == "unpicklable":  # an error that cannot travel back as is
+        raise Unpicklable(threading.Lock())
     return {"content": f"echo: {job.task_description}", "model": "echo",
             "score": float(job.metadata.get("score", "0")), "pid": os.getpid()}
