@@ -206,10 +206,11 @@ class NatsIngress:
                 await self._retry(msg, f"internal error: {exc}", reply_to)
                 return
             self.counts["accepted" if created else "duplicate"] += 1
-            logger.debug("stream message %s -> %s (%s)", _seq(msg), deliberation_id,
-                         "new" if created else "existing",
-                         extra={**log, "deliberation_id": deliberation_id,
-                                "task_id": request.task_id})
+            if logger.isEnabledFor(logging.DEBUG):  # _seq parses the reply subject
+                logger.debug("stream message %s -> %s (%s)", _seq(msg), deliberation_id,
+                             "new" if created else "existing",
+                             extra={**log, "deliberation_id": deliberation_id,
+                                    "task_id": request.task_id})
             message = ("deliberation submitted" if created
                        else "already submitted: same task_id or idempotency key")
             await self._answer(reply_to, pb.ExecuteDeliberationResponse(
