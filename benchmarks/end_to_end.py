@@ -130,7 +130,8 @@ def run(stack: Stack, quick: bool, jobs: int = 0, **_: Any) -> dict[str, Any]:
                 "(`RAY_EXECUTOR_VLLM_CONCURRENCY=64`), and with a concurrency limit the "
                 f"{PROCESSES}x{THREADS} threads cannot exceed, so the limiter never refuses a "
                 "job. Baseline: the same job (the `vllm_agent` kind's function in an async "
-                "Ray actor made exactly like a worker's runner) called through one Ray client "
+                "Ray actor with the kind's Ray options, one call per job) called through one "
+                "Ray client "
                 f"connection in batches of {CONCURRENCY} (`benchmarks/ray_direct.py`). Added "
                 f"latency: {samples} deliberations one at a time (submit → NATS result) minus "
                 "the same number of single direct calls (`ray.get`).",

@@ -74,9 +74,11 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
               f"{r['enqueue_s']} s; stand-in peak in flight {r['standin_peak_in_flight']}; "
               f"worker peak RSS {r['worker_peak_rss_mb']} MB; failed {r['failed']}."
               for n, r in ours.items()]
-    notes.append("The `vllm_agent` runner (and so the direct baseline, made the same way) is "
-                 "declared with `max_concurrency=10000` (`actors/jobs.py`, `job_kind`), so "
-                 "every N here can be in flight at once.")
+    notes.append("The `vllm_agent` runner (and the direct baseline's actor, given the same "
+                 "Ray options) is declared with `max_concurrency=10000` (`actors/jobs.py`, "
+                 "`job_kind`), so every N here can be in flight at once. Ours hands the "
+                 "runner the jobs of a moment in one call and collects outcomes with one "
+                 "long poll (`actors/runner.py`); the baseline makes one call per job.")
     return {
         "what": "N single-agent deliberations written straight to the state and queue "
                 "(`DeliberationStore.submit`, 256 at a time) for one worker process with N "
@@ -84,8 +86,9 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
                 f"{LATENCY:g} s. The clock runs from the first submit to the last "
                 "`agent.response.completed` on NATS; the worker had finished a warm-up job "
                 "first (Ray connected, runner created). Baseline: the same N calls to an async "
-                "Ray actor made like a worker's runner, awaited with `asyncio.gather` through "
-                "one Ray client connection (`benchmarks/ray_direct.py inflight`).",
+                "Ray actor with the kind's function and Ray options, one call per job, "
+                "awaited with `asyncio.gather` through one Ray client connection "
+                "(`benchmarks/ray_direct.py inflight`).",
         "rows": rows,
         "notes": notes,
         "details": {"ours": {str(n): r for n, r in ours.items()}, "direct": direct},

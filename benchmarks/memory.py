@@ -84,8 +84,8 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
                 f"concurrent gRPC callers ({result['rps']} requests/s). RSS is VmRSS of the "
                 "Dramatiq worker process itself (not the Dramatiq parent, nor Ray's "
                 "cluster-side processes). Baselines: a bare Python 3.9 process that connected "
-                "the Ray client and made the same runner; a bare grpc.aio echo server, idle "
-                "and under the same load.",
+                "the Ray client and made an actor with the same function and options; a bare "
+                "grpc.aio echo server, idle and under the same load.",
         "rows": [
             row("worker idle", "MB", worker["idle"]["worker"], direct["rss_mb"], ray_name,
                 at_most=300, absolute=True),
