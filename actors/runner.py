@@ -152,7 +152,7 @@ class RunnerCalls:
         self.broken = False
 
     def submit(self, job: AgentJob) -> Tuple[str, asyncio.Future]:
-        """Queue ``job`` for this loop turn's ``start`` call: ``(key, future outcome)``."""
+        """Queue ``job`` for this loop turn's call to the runner: ``(key, future outcome)``."""
         loop = asyncio.get_running_loop()
         key = f"{id(self):x}-{next(self._keys)}"
         outcome = loop.create_future()
