@@ -13,7 +13,7 @@ import pytest
 
 from actors.connection import RayConnection
 from actors.jobs import KINDS
-from actors.runner import JobError, JobTimeout, RayRunners
+from actors.runner import JobError, JobTimeout, RayLost, RayRunners
 from bridge.contract import AgentJob
 from tests.worker import kinds  # noqa: F401  (registers echo_test)
 
@@ -75,3 +75,24 @@ def test_a_job_past_its_time_limit_is_cancelled_while_the_others_finish(
     assert time.monotonic() - started < 10
     # That the hung job's task is cancelled on the cluster (its HTTP request closed) is shown
     # with the stand-in LLM in test_middleware.py.
+
+
+def test_a_runner_that_dies_fails_its_jobs_as_ray_lost_and_is_replaced(
+        runners: RayRunners) -> None:
+    import ray
+
+    async def main() -> List[Any]:
+        kind = KINDS["echo_test"]
+        running = [asyncio.ensure_future(runners.run(kind, job(i, sleep="30"),
+                                                     never_cancelled)) for i in range(3)]
+        await asyncio.sleep(2)  # handed over and running on the cluster
+        ray.kill(runners.handles["echo_test"])
+        lost = await asyncio.gather(*running, return_exceptions=True)
+        again = await runners.run(kind, job(9), never_cancelled)  # a new runner takes it
+        return [*lost, again]
+
+    started = time.monotonic()
+    *lost, again = asyncio.run(main())
+    assert all(isinstance(outcome, RayLost) for outcome in lost), lost
+    assert again["content"] == "echo: job 9"
+    assert time.monotonic() - started < 30  # not left waiting for the jobs' time limits
