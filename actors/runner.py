@@ -189,11 +189,9 @@ class RunnerCalls:
         # Outcomes come back through collect, so the reply of start is not fetched (that
         # would be one more round trip per batch). The ref is kept until the client server
         # has assigned its id: dropping it sooner would block the loop in its __del__.
-        self.unassigned.add(started)
         assigned = getattr(started, "_id_future", None)
-        if assigned is None:
-            self.unassigned.discard(started)
-        else:
+        if assigned is not None:
+            self.unassigned.add(started)
             _mirror(assigned).add_done_callback(
                 lambda done: self._assigned(jobs, started, done))
 
