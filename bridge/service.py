@@ -32,11 +32,13 @@ async def run(settings: Settings, stop: asyncio.Event,
     store = DeliberationStore(redis, settings)
     outbox = Outbox(store, None, Subjects(settings))
     ingress = Ingress(store, settings, outbox)
+    # /metrics listens before the gRPC port is bound: whoever waits for that port (tests,
+    # `ray-executor up`) may scrape right away.
+    metrics = serve_metrics(settings, healthy=lambda: True)
     server, health, port = build_server(ingress, settings)
     await server.start()
     await mark_serving(health, True)
     logger.info("gRPC listening on %s:%d", settings.grpc_host, port)
-    metrics = serve_metrics(settings, healthy=lambda: True)
     if on_ready is not None:
         on_ready(port)
 
