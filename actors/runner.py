@@ -111,23 +111,27 @@ class Runner:
         if task.cancelled():  # not by us: the actor is going away
             self.outcomes[key] = (False, RayLost("the job's task was cancelled on the cluster"))
         elif task.exception() is not None:
-            self.outcomes[key] = (False, _portable(task.exception()))
+            self.outcomes[key] = (False, _classified(task.exception()))
         else:
             self.outcomes[key] = (True, task.result())
         if self.ended is not None:
             self.ended.set()
 
 
-def _portable(error: BaseException) -> BaseException:
-    """``error`` if it survives pickling, else a ``JobError`` saying what it was: one
-    outcome that cannot travel must not fail the whole ``collect`` call."""
+def _classified(error: BaseException) -> BaseException:
+    """The job's exception as the worker will raise it: a classified error (one with an
+    ``error_type``) as it is, anything else as a ``JobError`` naming it. So is a classified
+    error that cannot be pickled: one outcome that cannot travel must not fail the whole
+    ``collect`` call."""
     from ray import cloudpickle
 
-    try:
-        cloudpickle.loads(cloudpickle.dumps(error))
-        return error
-    except Exception:
-        return JobError(f"{type(error).__name__}: {error}")
+    if hasattr(error, "error_type"):
+        try:
+            cloudpickle.loads(cloudpickle.dumps(error))
+            return error
+        except Exception:
+            pass
+    return JobError(f"{type(error).__name__}: {error}")
 
 
 class RunnerCalls:
@@ -214,7 +218,7 @@ class RunnerCalls:
                     return
                 jobs = []
                 for key, (ok, value) in outcomes.items():
-                    self._settle(key, value if ok else _job_error(value), ok)
+                    self._settle(key, value, ok)
         finally:
             self.collector = None
 
@@ -268,12 +272,6 @@ def _mirror(future: concurrent.futures.Future) -> asyncio.Future:
 
     future.add_done_callback(settled)
     return mirror
-
-
-def _job_error(error: BaseException) -> BaseException:
-    """The job's own exception as the worker raises it: classified errors as they are."""
-    return error if hasattr(error, "error_type") else JobError(f"{type(error).__name__}: "
-                                                               f"{error}")
 
 
 class RayRunners:

@@ -7,7 +7,7 @@ import asyncio
 import time
 import types
 import uuid
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
@@ -81,18 +81,24 @@ def test_a_runner_that_dies_fails_its_jobs_as_ray_lost_and_is_replaced(
         runners: RayRunners) -> None:
     import ray
 
-    async def main() -> List[Any]:
+    async def main() -> Tuple[List[Any], float]:
         kind = KINDS["echo_test"]
         running = [asyncio.ensure_future(runners.run(kind, job(i, sleep="30"),
                                                      never_cancelled)) for i in range(3)]
-        await asyncio.sleep(2)  # handed over and running on the cluster
+        # Creating the runner takes a second on a quiet machine, far longer on a busy one.
+        deadline = time.monotonic() + 120
+        while "echo_test" not in runners.calls or runners.calls["echo_test"].batch:
+            assert time.monotonic() < deadline, "the runner was not created"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # the jobs reach the cluster and start
+        killed = time.monotonic()
         ray.kill(runners.handles["echo_test"])
         lost = await asyncio.gather(*running, return_exceptions=True)
         again = await runners.run(kind, job(9), never_cancelled)  # a new runner takes it
-        return [*lost, again]
+        return [*lost, again], time.monotonic() - killed
 
-    started = time.monotonic()
-    *lost, again = asyncio.run(main())
+    outcomes, seconds = asyncio.run(main())
+    *lost, again = outcomes
     assert all(isinstance(outcome, RayLost) for outcome in lost), lost
     assert again["content"] == "echo: job 9"
-    assert time.monotonic() - started < 30  # not left waiting for the jobs' time limits
+    assert seconds < 30  # not left waiting for the jobs' time limits
