@@ -61,6 +61,7 @@ PROGRESS_EVERY = 10.0  # in_progress() interval while an enqueue is slow
 SUBMIT_TIMEOUT = 120.0  # an enqueue taking longer counts as "Redis unavailable"
 MAX_DELIVER = 60  # deliveries of one message; the last failing one dead-letters
 MIN_FETCH = 16  # fetch once this many slots are free
+FETCH_BATCH = 128  # at most this many per fetch: the next wave is parsed while Redis runs one
 BUSY_FETCH_TIMEOUT = 0.1  # batch fetch while messages keep coming
 IDLE_FETCH_TIMEOUT = 1.0  # single-message long poll when idle (also bounds stop latency)
 NAK_DELAY = 0.5  # first redelivery delay; doubles per delivery up to NAK_MAX_DELAY
@@ -136,7 +137,7 @@ class NatsIngress:
                     await self._sleep(min(self._pause_until - loop.time(), IDLE_FETCH_TIMEOUT))
                     continue
                 try:
-                    batch = room if busy else 1
+                    batch = min(room, FETCH_BATCH) if busy else 1
                     msgs = await sub.fetch(batch, BUSY_FETCH_TIMEOUT if busy else
                                            IDLE_FETCH_TIMEOUT)
                 except asyncio.TimeoutError:
@@ -350,44 +351,49 @@ def _plain(document: Dict[str, Any], descriptor: Descriptor) -> bool:
         shape = shapes.get(name)
         if shape is None:
             return False
-        if isinstance(shape, list):
+        kind, inner = shape
+        if kind is _SCALAR:
+            if type(value) is not inner:
+                return False
+        elif kind is _MESSAGE:
+            if type(value) is not dict or not _plain(value, inner):
+                return False
+        elif kind is _MESSAGES:
             if type(value) is not list or not all(
-                    type(v) is dict and _plain(v, shape[0]) for v in value):
+                    type(v) is dict and _plain(v, inner) for v in value):
                 return False
-        elif isinstance(shape, Descriptor):
-            if type(value) is not dict or not _plain(value, shape):
-                return False
-        elif shape is dict:
-            if type(value) is not dict or not all(type(v) is str for v in value.values()):
-                return False
-        elif type(value) is not shape:
-            return False
+        elif type(value) is not dict or not all(type(v) is str for v in value.values()):
+            return False  # _MAP
     return True
 
 
+_SCALAR, _MESSAGE, _MESSAGES, _MAP = "scalar", "message", "repeated message", "map"
+
+
 @functools.cache
-def _shapes(descriptor: Descriptor) -> Dict[str, Any]:
-    """The fields of ``descriptor`` plain JSON can hand to the constructor, by original name:
-    a scalar's Python type, ``dict`` for a ``map<string, string>``, a message's descriptor (in
-    a list when repeated). Left out, so they always take ParseDict: 64-bit integers, enums,
-    repeated scalars, other maps, well-known types. Worked out once per message type (the
-    descriptor's own ``label`` is deprecated: repeated-ness comes from its proto form)."""
+def _shapes(descriptor: Descriptor) -> Dict[str, Tuple[str, Any]]:
+    """The fields of ``descriptor`` plain JSON can hand to the constructor, by original name,
+    each as ``(kind, detail)``: a scalar and its Python type, a message or repeated message
+    and its descriptor, a ``map<string, string>``. Left out, so they always take ParseDict:
+    64-bit integers, enums, repeated scalars, other maps, well-known types. Worked out once
+    per message type (the descriptor's own ``label`` is deprecated: repeated-ness comes from
+    its proto form)."""
     proto = descriptor_pb2.DescriptorProto()
     descriptor.CopyToProto(proto)
     repeated = {field.name for field in proto.field
                 if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED}
-    shapes: Dict[str, Any] = {}
+    shapes: Dict[str, Tuple[str, Any]] = {}
     for name, field in descriptor.fields_by_name.items():
         message = field.message_type
         if message is None:
             if name not in repeated and field.cpp_type in _PYTHON_TYPES:
-                shapes[name] = _PYTHON_TYPES[field.cpp_type]
+                shapes[name] = (_SCALAR, _PYTHON_TYPES[field.cpp_type])
         elif message.GetOptions().map_entry:
             if all(message.fields_by_name[part].cpp_type == FieldDescriptor.CPPTYPE_STRING
                    for part in ("key", "value")):
-                shapes[name] = dict
+                shapes[name] = (_MAP, None)
         elif not message.full_name.startswith("google.protobuf."):
-            shapes[name] = [message] if name in repeated else message
+            shapes[name] = (_MESSAGES if name in repeated else _MESSAGE, message)
     return shapes
 
 
