@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Dict, Optional, Set, Tuple
+from typing import Any, Awaitable, Dict, List, Optional, Sequence, Set, Tuple
 
 from bridge import contract, validation
 from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
 from bridge.outbox import Outbox
 from bridge.settings import Settings
-from bridge.state import DeliberationStore, StateUnavailable, new_deliberation_id
+from bridge.state import DeliberationStore, StateUnavailable, Submission, new_deliberation_id
 from ray_executor.v1 import ray_executor_pb2 as pb
 
 logger = logging.getLogger("ray_executor.ingress")
@@ -45,36 +45,66 @@ class Ingress:
         Raises ``validation.InvalidRequest`` (nothing written) or ``state.StateUnavailable``
         (nothing written: the script is atomic).
         """
-        started = time.perf_counter()
-        try:
-            deliberation_id, created = await self._submit(request, traceparent)
-        except validation.InvalidRequest:
-            INGRESS_REQUESTS.labels(source, "invalid").inc()
-            raise
-        except StateUnavailable:
-            INGRESS_REQUESTS.labels(source, "unavailable").inc()
-            raise
-        INGRESS_REQUESTS.labels(source, "submitted" if created else "duplicate").inc()
-        INGRESS_LATENCY.labels(source).observe(time.perf_counter() - started)
-        return deliberation_id, created
+        outcome = (await self.submit_all([(request, traceparent)], source))[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome  # type: ignore[no-any-return]
 
-    async def _submit(self, request: pb.ExecuteDeliberationRequest,
-                      traceparent: str) -> Tuple[str, bool]:
-        plan = validation.plan(request, self.settings, new_deliberation_id())
-        record = dict(plan.record)
-        options = {}
-        if traceparent:
-            record["traceparent"] = traceparent
-            options["traceparent"] = traceparent
-        deliberation_id, created, stored = await self.store.submit(
-            plan.idempotency_key, record, plan.jobs, options)
-        if created:
-            logger.debug("deliberation %s submitted for task %s with %d agents",
-                        deliberation_id, plan.record["task_id"], len(plan.jobs),
-                        extra={"deliberation_id": deliberation_id,
-                               "task_id": plan.record["task_id"], **options})
-            self._publish_submitted(deliberation_id, stored, plan, traceparent)
-        return deliberation_id, created
+    async def submit_all(self, requests: Sequence[Tuple[pb.ExecuteDeliberationRequest, str]],
+                         source: str) -> List[Any]:
+        """``submit`` for each ``(request, traceparent)``, recorded in one Redis pipeline: each
+        outcome is what ``submit`` returns or the exception it would raise."""
+        started = time.perf_counter()
+        outcomes: List[Any] = [None] * len(requests)
+        planned: List[Tuple[int, validation.Plan, str]] = []
+        submissions: List[Submission] = []
+        for index, (request, traceparent) in enumerate(requests):
+            try:
+                plan = validation.plan(request, self.settings, new_deliberation_id())
+            except validation.InvalidRequest as exc:
+                outcomes[index] = exc
+                continue
+            record = dict(plan.record)
+            options = {}
+            if traceparent:
+                record["traceparent"] = traceparent
+                options["traceparent"] = traceparent
+            planned.append((index, plan, traceparent))
+            submissions.append((plan.idempotency_key, record, plan.jobs, options))
+        stored = await self.store.submit_all(submissions) if submissions else []
+        for (index, plan, traceparent), result in zip(planned, stored):
+            if isinstance(result, Exception):
+                outcomes[index] = result
+                continue
+            deliberation_id, created, record = result
+            if created:
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("deliberation %s submitted for task %s with %d agents",
+                                 deliberation_id, plan.record["task_id"], len(plan.jobs),
+                                 extra={"deliberation_id": deliberation_id,
+                                        "task_id": plan.record["task_id"],
+                                        **({"traceparent": traceparent} if traceparent else {})})
+                self._publish_submitted(deliberation_id, record, plan, traceparent)
+            outcomes[index] = (deliberation_id, created)
+        self._count(outcomes, source, time.perf_counter() - started)
+        return outcomes
+
+    @staticmethod
+    def _count(outcomes: List[Any], source: str, seconds: float) -> None:
+        counts: Dict[str, int] = {}
+        for outcome in outcomes:
+            if isinstance(outcome, validation.InvalidRequest):
+                label = "invalid"
+            elif isinstance(outcome, StateUnavailable):
+                label = "unavailable"
+            elif isinstance(outcome, Exception):
+                continue  # a bug: the caller reports it
+            else:
+                label = "submitted" if outcome[1] else "duplicate"
+                INGRESS_LATENCY.labels(source).observe(seconds)
+            counts[label] = counts.get(label, 0) + 1
+        for label, count in counts.items():
+            INGRESS_REQUESTS.labels(source, label).inc(count)
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
         """``(cancelled_now, status)``; see ``DeliberationStore.cancel``."""

@@ -37,7 +37,7 @@ import functools
 import json
 import logging
 import re
-from typing import Any, Dict, Mapping, Optional, Set, Tuple
+from typing import Any, Awaitable, Dict, List, Mapping, Optional, Set, Tuple
 
 from google.protobuf import descriptor_pb2, json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -91,7 +91,8 @@ class NatsIngress:
         self._stopping = False
         self._wake: Optional[asyncio.Event] = None  # created on the running loop (py3.9)
         self._runner: Optional[asyncio.Task[None]] = None
-        self._tasks: Set[asyncio.Task[None]] = set()
+        self._tasks: Set[asyncio.Task[None]] = set()  # one per fetched batch
+        self._in_hand = 0  # messages in those batches
         self._pause_until = 0.0
         self._enqueuing: Dict[int, Tuple[Msg, float]] = {}  # id(msg) -> (msg, loop time)
 
@@ -129,7 +130,7 @@ class NatsIngress:
         keep_alive = asyncio.ensure_future(self._keep_alive())
         try:
             while sub is not None and not self._stopping:
-                room = self.settings.nats_max_in_flight - len(self._tasks)
+                room = self.settings.nats_max_in_flight - self._in_hand
                 if room < MIN_FETCH:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
@@ -148,10 +149,10 @@ class NatsIngress:
                     await self._sleep(1.0)
                     continue
                 busy = True
-                for msg in msgs:
-                    task = asyncio.ensure_future(self._handle(msg))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                self._in_hand += len(msgs)
+                task = asyncio.ensure_future(self._handle(msgs))
+                self._tasks.add(task)
+                task.add_done_callback(functools.partial(self._handled, len(msgs)))
         finally:
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -185,40 +186,75 @@ class NatsIngress:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
-    # --- one message ---
+    def _handled(self, count: int, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_hand -= count
 
-    async def _handle(self, msg: Msg) -> None:
+    # --- a fetched batch, each message answered on its own ---
+
+    async def _handle(self, msgs: List[Msg]) -> None:
+        """Parse each message, submit the valid ones in one go (``Ingress.submit_all``: one
+        Redis pipeline), then ack, refuse or retry each by its own outcome. Refusals and
+        retries (a JetStream publish or a nak each) run side by side; acks do not wait."""
+        parsed: List[Tuple[Msg, pb.ExecuteDeliberationRequest, str]] = []
+        others: List[Awaitable[None]] = []
+        for msg in msgs:
+            try:
+                parsed.append((msg, self._parse(msg.data or b""),
+                               _header(msg.headers or {}, "traceparent")))
+            except InvalidRequest as exc:
+                others.append(self._settle(msg, None, exc))
+        outcomes: List[Any] = []
+        if parsed:
+            try:
+                outcomes = await self._submit([msg for msg, _, _ in parsed],
+                                              [(request, traceparent)
+                                               for _, request, traceparent in parsed])
+            except Exception as exc:  # a bug: each message is retried, a bounded number of times
+                logger.exception("submitting %d stream messages failed", len(parsed))
+                outcomes = [exc] * len(parsed)
+        for (msg, request, _), outcome in zip(parsed, outcomes):
+            if isinstance(outcome, Exception):
+                others.append(self._settle(msg, request, outcome))
+            else:
+                await self._settle(msg, request, outcome)
+        if others:
+            await asyncio.gather(*others)
+
+    async def _settle(self, msg: Msg, request: Optional[pb.ExecuteDeliberationRequest],
+                      outcome: Any) -> None:
+        """Answer and ack an accepted message; dead-letter a refused one; nak the rest."""
         headers = msg.headers or {}
         reply_to = _header(headers, "Reply-To")
         traceparent = _header(headers, "traceparent")
         log = {"traceparent": traceparent} if traceparent else {}
         try:
-            try:
-                request = self._parse(msg.data or b"")
-                deliberation_id, created = await self._submit(msg, request, traceparent)
-            except InvalidRequest as exc:
-                await self._refuse(msg, exc.field, exc.reason, reply_to)
-                return
-            except StateUnavailable as exc:
-                await self._retry(msg, str(exc), reply_to)
-                return
-            except Exception as exc:  # a bug, not the producer's fault: bounded retries
-                logger.exception("handling stream message %s failed", _seq(msg), extra=log)
-                await self._retry(msg, f"internal error: {exc}", reply_to)
-                return
-            self.counts["accepted" if created else "duplicate"] += 1
-            if logger.isEnabledFor(logging.DEBUG):  # _seq parses the reply subject
-                logger.debug("stream message %s -> %s (%s)", _seq(msg), deliberation_id,
-                             "new" if created else "existing",
-                             extra={**log, "deliberation_id": deliberation_id,
-                                    "task_id": request.task_id})
-            message = ("deliberation submitted" if created
-                       else "already submitted: same task_id or idempotency key")
-            await self._answer(reply_to, pb.ExecuteDeliberationResponse(
-                deliberation_id=deliberation_id, status="submitted", message=message))
-            await msg.ack()
+            if isinstance(outcome, InvalidRequest):
+                await self._refuse(msg, outcome.field, outcome.reason, reply_to)
+            elif isinstance(outcome, StateUnavailable):
+                await self._retry(msg, str(outcome), reply_to)
+            elif isinstance(outcome, Exception):  # a bug, not the producer's fault
+                await self._retry(msg, f"internal error: {type(outcome).__name__}: {outcome}",
+                                  reply_to)
+            else:
+                await self._accepted(msg, request, outcome, reply_to, log)
         except Exception as exc:  # NATS gone mid-answer: JetStream redelivers after ack_wait
             logger.warning("stream message %s left unacked: %s", _seq(msg), exc, extra=log)
+
+    async def _accepted(self, msg: Msg, request: Any, outcome: Tuple[str, bool], reply_to: str,
+                        log: Dict[str, str]) -> None:
+        deliberation_id, created = outcome
+        self.counts["accepted" if created else "duplicate"] += 1
+        if logger.isEnabledFor(logging.DEBUG):  # _seq parses the reply subject
+            logger.debug("stream message %s -> %s (%s)", _seq(msg), deliberation_id,
+                         "new" if created else "existing",
+                         extra={**log, "deliberation_id": deliberation_id,
+                                "task_id": request.task_id})
+        message = ("deliberation submitted" if created
+                   else "already submitted: same task_id or idempotency key")
+        await self._answer(reply_to, pb.ExecuteDeliberationResponse(
+            deliberation_id=deliberation_id, status="submitted", message=message))
+        await msg.ack()
 
     def _parse(self, data: bytes) -> pb.ExecuteDeliberationRequest:
         limit = self.settings.max_request_bytes
@@ -246,18 +282,21 @@ class NatsIngress:
             field = ".".join(a or b for a, b in _FIELD_RE.findall(text)) or "payload"
             raise InvalidRequest(field, text) from None
 
-    async def _submit(self, msg: Msg, request: pb.ExecuteDeliberationRequest,
-                      traceparent: str) -> Tuple[str, bool]:
-        """``Ingress.submit`` within ``SUBMIT_TIMEOUT``; while it is slow, ``_keep_alive``
+    async def _submit(self, msgs: List[Msg],
+                      requests: List[Tuple[pb.ExecuteDeliberationRequest, str]]) -> List[Any]:
+        """``Ingress.submit_all`` within ``SUBMIT_TIMEOUT``; while it is slow, ``_keep_alive``
         tells JetStream we are still at it."""
-        self._enqueuing[id(msg)] = (msg, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        for msg in msgs:
+            self._enqueuing[id(msg)] = (msg, now)
         try:
-            return await asyncio.wait_for(
-                self.ingress.submit(request, traceparent, source="nats"), SUBMIT_TIMEOUT)
+            return await asyncio.wait_for(self.ingress.submit_all(requests, source="nats"),
+                                          SUBMIT_TIMEOUT)
         except asyncio.TimeoutError:
-            raise StateUnavailable(f"enqueue took more than {SUBMIT_TIMEOUT:.0f}s") from None
+            return [StateUnavailable(f"enqueue took more than {SUBMIT_TIMEOUT:.0f}s")] * len(msgs)
         finally:
-            del self._enqueuing[id(msg)]
+            for msg in msgs:
+                del self._enqueuing[id(msg)]
 
     async def _keep_alive(self) -> None:
         """``in_progress`` for every message whose enqueue has taken ``PROGRESS_EVERY``: one

@@ -23,7 +23,7 @@ import hashlib
 import json
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import dramatiq
 import redis
@@ -75,6 +75,10 @@ class StateUnavailable(ConnectionError):
     """Redis could not be reached; nothing was changed."""
 
 
+# What one deliberation's submit takes: (idempotency key, record, jobs, message options).
+Submission = Tuple[str, Dict[str, Any], List[AgentJob], Optional[Dict[str, Any]]]
+
+
 def queue_key(queue: str) -> str:
     return f"{DRAMATIQ_NAMESPACE}:{queue}"
 
@@ -112,6 +116,29 @@ class DeliberationStore:
         Returns ``(deliberation_id, created, record as stored)``; ``created`` is False when
         the idempotency key was already used, in which case nothing was written or enqueued.
         """
+        outcome = (await self.submit_all([(idempotency_key, record, jobs, options)]))[0]
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def submit_all(self, submissions: Sequence[Submission]) -> List[Any]:
+        """``submit`` for each ``(idempotency_key, record, jobs, options)``, all in one
+        pipeline: each outcome is what ``submit`` returns, or the exception it would raise
+        (``StateUnavailable`` for every one when Redis is unreachable)."""
+        prepared = [self._submission(*submission) for submission in submissions]
+        try:
+            results = await self.batched(*(command for command, _ in prepared),
+                                         return_exceptions=True)
+        except StateUnavailable as exc:
+            return [exc] * len(prepared)
+        return [result if isinstance(result, Exception) else
+                (str(result[1]), bool(result[0]), record)
+                for result, (_, record) in zip(results, prepared)]
+
+    def _submission(self, idempotency_key: str, record: Dict[str, Any], jobs: List[AgentJob],
+                    options: Optional[Dict[str, Any]] = None
+                    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        """The ``submit.lua`` call of one deliberation, and its record as it will be stored."""
         deliberation_id = record["id"]
         now = contract.now_ms()
         record = {**record, "status": contract.QUEUED, "created_ms": now,
@@ -143,8 +170,7 @@ class DeliberationStore:
         args = [deliberation_id, now, self.settings.state_ttl_seconds, json.dumps(record),
                 json.dumps(agents), _event("submitted", status=contract.QUEUED),
                 json.dumps(entry), now + OUTBOX_LEASE_MS, *messages]
-        created, existing = await self.eval(self._submit, keys, args)
-        return str(existing), bool(created), record
+        return self._command(self._submit, keys, args), record
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
         """Cancel unless already ended: ``(cancelled_now, status after the call)``."""
@@ -257,23 +283,34 @@ class DeliberationStore:
 
     async def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
         """Run a Lua script by its SHA through ``batched`` (loaded when Redis lacks it)."""
+        return (await self.batched(self._command(source, keys, args)))[0]
+
+    def _command(self, source: str, keys: List[str], args: List[Any]) -> Tuple[Any, ...]:
+        """The EVALSHA command running ``source``; ``batched`` loads it when Redis lacks it."""
         sha = self._shas.get(source)
         if sha is None:
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
             self._sources[sha] = source
-        return (await self.batched(("EVALSHA", sha, len(keys), *keys, *args)))[0]
+        return ("EVALSHA", sha, len(keys), *keys, *args)
 
-    async def batched(self, *commands: Tuple[Any, ...]) -> List[Any]:
+    async def batched(self, *commands: Tuple[Any, ...], return_exceptions: bool = False
+                      ) -> List[Any]:
         """Run ``commands`` (each ``(name, *args)``) and return their results, sharing one
         pipeline with every other call made meanwhile on this loop: under load, dozens of
         requests or jobs cost one Redis round trip instead of one each. A command's error is
-        raised to its caller only; Redis unreachable raises ``StateUnavailable`` to all."""
+        raised to its caller only (or returned in its place with ``return_exceptions``);
+        Redis unreachable raises ``StateUnavailable`` to all."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.append((commands, future))
         if self._flusher is None or self._flusher.get_loop() is not loop:
             self._flusher = asyncio.ensure_future(self._flush())
-        return await future  # type: ignore[no-any-return]
+        results: List[Any] = await future
+        if not return_exceptions:
+            error = next((r for r in results if isinstance(r, Exception)), None)
+            if error is not None:
+                raise error
+        return results
 
     async def _flush(self) -> None:
         try:
@@ -299,12 +336,7 @@ class DeliberationStore:
         start = 0
         for wanted, future in batch:
             mine, start = results[start:start + len(wanted)], start + len(wanted)
-            if future.done():  # its caller was cancelled
-                continue
-            error = next((r for r in mine if isinstance(r, Exception)), None)
-            if error is not None:
-                future.set_exception(error)
-            else:
+            if not future.done():  # else its caller was cancelled
                 future.set_result(mine)
 
     async def _reload_scripts(self, commands: List[Tuple[Any, ...]], results: List[Any]

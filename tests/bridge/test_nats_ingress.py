@@ -376,13 +376,17 @@ def test_slow_enqueue_is_kept_in_progress_and_retries_are_bounded(
     calls: List[str] = []
 
     class SlowOrDown:
-        async def submit(self, req: pb.ExecuteDeliberationRequest, traceparent: str = "",
-                         source: str = "grpc") -> Tuple[str, bool]:
-            calls.append(req.task_id)
-            if req.task_id == "down":
-                raise StateUnavailable("Redis unavailable: test")
-            await asyncio.sleep(2.5)  # longer than the ack wait
-            return "delib-slow", True
+        async def submit_all(self, requests: List[Tuple[pb.ExecuteDeliberationRequest, str]],
+                             source: str) -> List[Any]:
+            outcomes: List[Any] = []
+            for req, _ in requests:
+                calls.append(req.task_id)
+                if req.task_id == "down":
+                    outcomes.append(StateUnavailable("Redis unavailable: test"))
+                else:
+                    await asyncio.sleep(2.5)  # longer than the ack wait
+                    outcomes.append(("delib-slow", True))
+            return outcomes
 
     settings = Settings.from_env(dict(channel.env, NATS_URL=nats_url))
 

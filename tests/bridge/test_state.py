@@ -1,12 +1,13 @@
 """DeliberationStore against a real valkey: calls made together share one pipeline, a bad
 command fails only its caller, scripts come back after SCRIPT FLUSH, and an unreachable Redis
-is reported as StateUnavailable to every caller."""
+is reported as StateUnavailable to every caller; ``submit_all`` answers each submission on
+its own."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import Any, Awaitable, Callable, List, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Tuple
 
 import redis.exceptions
 
@@ -37,11 +38,15 @@ def run(redis_url: str, scenario: Callable[[DeliberationStore], Awaitable[Any]])
     return asyncio.run(main())
 
 
-async def submit(store: DeliberationStore) -> Tuple[str, bool, Any]:
+def new_record(task_id: str = "") -> Dict[str, Any]:
     did = f"delib-{uuid.uuid4().hex}"
-    record = {"id": did, "task_id": f"task-{did}", "role": "DEV", "story_id": "",
-              "plan_id": "", "vllm_url": "http://127.0.0.1:9/", "model": "m"}
-    return await store.submit(f"task:{did}", record, [job(did)])
+    return {"id": did, "task_id": task_id or f"task-{did}", "role": "DEV", "story_id": "",
+            "plan_id": "", "vllm_url": "http://127.0.0.1:9/", "model": "m"}
+
+
+async def submit(store: DeliberationStore) -> Tuple[str, bool, Any]:
+    record = new_record()
+    return await store.submit(f"task:{record['id']}", record, [job(record["id"])])
 
 
 def test_concurrent_calls_share_pipelines(redis_url: str) -> None:
@@ -99,14 +104,28 @@ def test_unreachable_redis_fails_every_caller_with_state_unavailable() -> None:
 
 def test_idempotency_holds_within_one_pipeline(redis_url: str) -> None:
     async def scenario(store: DeliberationStore) -> Any:
-        did = f"delib-{uuid.uuid4().hex}"
-        record = {"id": did, "task_id": "same-task", "role": "DEV", "story_id": "",
-                  "plan_id": "", "vllm_url": "http://127.0.0.1:9/", "model": "m"}
-        other = dict(record, id=f"delib-{uuid.uuid4().hex}")
-        return await asyncio.gather(store.submit("task:same", record, [job(did)]),
+        record, other = new_record("same-task"), new_record("same-task")
+        return await asyncio.gather(store.submit("task:same", record, [job(record["id"])]),
                                     store.submit("task:same", other, [job(other["id"])]))
 
     (first_id, first_created, _), (second_id, second_created, _) = run(redis_url, scenario)
     assert (first_created, second_created) == (True, False)
     assert second_id == first_id
 
+
+
+def test_submit_all_answers_each_submission_on_its_own(redis_url: str) -> None:
+    async def scenario(store: DeliberationStore) -> Any:
+        await store.redis.rpush(store.keys.idempotency("broken"), "x")  # GET on it fails
+        records = [new_record("same"), new_record("same"), new_record(), new_record()]
+        keys = ["task:same", "task:same", "broken", "task:other"]
+        outcomes = await store.submit_all([(key, record, [job(record["id"])], None)
+                                           for key, record in zip(keys, records)])
+        return records, outcomes, await store.redis.llen(queue_key(store.settings.queue))
+
+    records, (first, again, broken, other), queued = run(redis_url, scenario)
+    assert first[:2] == (records[0]["id"], True)
+    assert again[:2] == (records[0]["id"], False)  # same key in the same batch: the first one
+    assert isinstance(broken, redis.exceptions.ResponseError) and "WRONGTYPE" in str(broken)
+    assert other[:2] == (records[3]["id"], True)
+    assert queued == 2
