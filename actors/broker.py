@@ -8,12 +8,18 @@ heartbeat interval instead of Dramatiq's default minute-or-more.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
-from typing import Any
+import time
+from typing import Any, Dict, List, Optional
 
 import dramatiq
+import redis
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff
 from dramatiq.encoder import JSONEncoder
+from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -29,17 +35,30 @@ from actors.circuit import CircuitBreaker
 from actors.limits import ConcurrencyLimiter
 from actors.runtime import WorkerRuntime
 from bridge.settings import Settings
+from bridge.state import WAKE_CHANNEL
+
+logger = logging.getLogger("ray_executor.broker")
 
 
 class PromptConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer that, while its prefetch is full, waits for a worker thread
-    to ack or nack instead of sleeping through its backoff, so the freed place is refilled at
-    once rather than up to a poll later (with short jobs and a small prefetch, that pause was a
-    large share of each job's time)."""
+    """Dramatiq's Redis consumer, prompter on two counts:
+
+    - while its prefetch is full, it waits for a worker thread to ack or nack instead of
+      sleeping through its backoff, so the freed place is refilled at once rather than up to
+      a poll later (with short jobs and a small prefetch, that pause was a large share of each
+      job's time);
+    - when a fetch finds nothing, it sleeps Dramatiq's backoff but wakes as soon as a submit
+      announces its queue (``wake``; ``WorkerBroker`` listens), so a job reaching an idle
+      worker starts at once instead of up to a poll later.
+    """
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self._room = threading.Event()
+        self._woken = threading.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
 
     def ack(self, message: Any) -> None:
         try:
@@ -59,15 +78,26 @@ class PromptConsumer(_RedisConsumer):
             if self.outstanding_message_count >= self.prefetch:  # no ack since the check
                 self._room.wait(self.timeout / 1000)
             return None  # the consumer thread moves due delayed messages, then asks again
-        return super().__next__()
+        if not self.message_cache:  # Dramatiq's fetch, with a sleep that a wake cuts short
+            self._woken.clear()  # before the fetch: a submit after it wakes the sleep below
+            try:
+                self.message_cache = self.broker.do_fetch(
+                    self.queue_name, self.prefetch - self.outstanding_message_count)
+            except redis.ConnectionError as exc:
+                raise ConnectionClosed(exc) from None
+            if not self.message_cache:
+                self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                self._woken.wait(backoff_ms / 1000)
+                return None
+        return super().__next__()  # takes the first cached message, as Dramatiq does
 
 
 class WorkerBroker(RedisBroker):
     """Dramatiq's Redis broker whose consumers poll at most every ``poll_ms`` when they find
-    nothing to fetch, and refill a full prefetch as soon as a job ends (``PromptConsumer``).
-    Dramatiq backs off up to the worker's 1 s timeout in both cases, which its CLI does not let
-    us change: a job arriving at an idle worker waited up to a second, and a full prefetch was
-    refilled late.
+    nothing to fetch, refill a full prefetch as soon as a job ends, and wake when a submit
+    announces their queue on ``WAKE_CHANNEL`` (``PromptConsumer``). Dramatiq backs off up to
+    the worker's 1 s timeout in both cases, which its CLI does not let us change: a job
+    arriving at an idle worker waited up to a second, and a full prefetch was refilled late.
 
     Parameters:
       poll_ms: the longest pause between fetches.
@@ -77,13 +107,49 @@ class WorkerBroker(RedisBroker):
     def __init__(self, *, poll_ms: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.poll_ms = poll_ms
+        self._consumers: Dict[str, List[PromptConsumer]] = {}  # by queue, to wake
+        self._lock = threading.Lock()
+        self._listener: Optional[threading.Thread] = None
+        self._pubsub: Optional[Any] = None
+        self._closing = False
 
     @property
     def consumer_class(self) -> Any:
         return PromptConsumer
 
     def consume(self, queue_name: str, prefetch: int = 1, timeout: int = 5000) -> Any:
-        return super().consume(queue_name, prefetch, min(timeout, self.poll_ms))
+        consumer = super().consume(queue_name, prefetch, min(timeout, self.poll_ms))
+        with self._lock:  # in the worker process: Dramatiq forks before consuming
+            self._consumers.setdefault(queue_name, []).append(consumer)
+            if self._listener is None:
+                self._listener = threading.Thread(target=self._listen, name="rx-wake",
+                                                  daemon=True)
+                self._listener.start()
+        return consumer
+
+    def close(self) -> None:
+        self._closing = True
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                self._pubsub.close()
+        super().close()
+
+    def _listen(self) -> None:
+        """Wake this process's consumers of each queue a submit announces. Polling goes on
+        regardless, so a dropped subscription costs latency only: it is renewed after 1 s."""
+        while not self._closing:
+            try:
+                self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                self._pubsub.subscribe(WAKE_CHANNEL)
+                for message in self._pubsub.listen():
+                    queue = message["data"].decode()
+                    for consumer in self._consumers.get(queue, ()):
+                        consumer.wake()
+            except Exception as exc:
+                if self._closing:
+                    return
+                logger.warning("wake-up subscription lost (%s); renewing it in 1 s", exc)
+                time.sleep(1)
 
 
 def make_broker(settings: Settings) -> RedisBroker:

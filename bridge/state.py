@@ -106,6 +106,11 @@ def queue_key(queue: str) -> str:
     return f"{DRAMATIQ_NAMESPACE}:{queue}"
 
 
+# Pub/sub channel on which a submit announces the queue it pushed to: idle workers wait on it
+# instead of sleeping through Dramatiq's poll backoff (actors.broker).
+WAKE_CHANNEL = f"{DRAMATIQ_NAMESPACE}:enqueued"
+
+
 def _event(event: str, **fields: Any) -> str:
     return json.dumps({"event": event, "time_ms": contract.now_ms(), **fields})
 
@@ -192,7 +197,8 @@ class DeliberationStore:
         entry = {"kind": "deliberation", "event": "submitted", "deliberation_id": deliberation_id}
         args = [deliberation_id, now, self.settings.state_ttl_seconds, json.dumps(record),
                 json.dumps(agents), _event("submitted", status=contract.QUEUED),
-                json.dumps(entry), now + OUTBOX_LEASE_MS, *messages]
+                json.dumps(entry), now + OUTBOX_LEASE_MS, WAKE_CHANNEL, self.settings.queue,
+                *messages]
         return self._command(self._submit, keys, args), record
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
