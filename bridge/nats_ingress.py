@@ -1,9 +1,10 @@
 """The NATS ingress: a durable JetStream pull consumer turning requests into deliberations.
 
 Producers publish the proto3 JSON of ``ExecuteDeliberationRequest`` (original or camelCase
-names; unknown fields are refused, so a typo is reported rather than dropped) on
-``Subjects.deliberate``. Each message goes through ``Ingress.submit`` (the validation and
-idempotency of the gRPC path) and is acked only once its deliberation is enqueued.
+names; unknown fields are refused, so a typo is reported rather than dropped; see
+``bridge.request_json``) on ``Subjects.deliberate``. Each fetched batch goes through
+``Ingress.submit_all`` (the validation and idempotency of the gRPC path, one Redis pipeline)
+and each message is acked only once its deliberation is enqueued.
 
 - Consumer: durable ``settings.nats_consumer`` on ``settings.nats_commands_stream``, filtered
   to ``agent.cmd.deliberate``, explicit ack, ``ACK_WAIT`` (``in_progress`` keeps a slow
@@ -36,11 +37,9 @@ import contextlib
 import functools
 import json
 import logging
-import re
 from typing import Any, Awaitable, Dict, List, Mapping, Optional, Set, Tuple
 
-from google.protobuf import descriptor_pb2, json_format
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf import json_format
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -49,6 +48,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from bridge import contract
 from bridge.contract import Subjects
 from bridge.ingress import Ingress
+from bridge.request_json import parse_request
 from bridge.settings import Settings
 from bridge.state import StateUnavailable
 from bridge.validation import InvalidRequest
@@ -69,7 +69,6 @@ NAK_MAX_DELAY = 30.0
 DLQ_PREVIEW_CHARS = 4096  # payload kept when the full copy would not fit in a NATS message
 REASON_HEADER = "Ray-Executor-Reason"
 FIELD_HEADER = "Ray-Executor-Field"
-_FIELD_RE = re.compile(r'Failed to parse (\S+) field|no field named "([^"]+)"')
 
 
 class NatsIngress:
@@ -200,7 +199,8 @@ class NatsIngress:
         others: List[Awaitable[None]] = []
         for msg in msgs:
             try:
-                parsed.append((msg, self._parse(msg.data or b""),
+                parsed.append((msg, parse_request(msg.data or b"",
+                                                  self.settings.max_request_bytes),
                                _header(msg.headers or {}, "traceparent")))
             except InvalidRequest as exc:
                 others.append(self._settle(msg, None, exc))
@@ -255,32 +255,6 @@ class NatsIngress:
         await self._answer(reply_to, pb.ExecuteDeliberationResponse(
             deliberation_id=deliberation_id, status="submitted", message=message))
         await msg.ack()
-
-    def _parse(self, data: bytes) -> pb.ExecuteDeliberationRequest:
-        limit = self.settings.max_request_bytes
-        if len(data) > limit:
-            raise InvalidRequest("request", f"{len(data)} bytes, more than {limit}")
-        try:
-            document = json.loads(data.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidRequest("payload", "not UTF-8 text") from None
-        except (ValueError, RecursionError) as exc:
-            raise InvalidRequest("payload", f"not valid JSON: {exc}") from None
-        if not isinstance(document, dict):
-            raise InvalidRequest("payload", "must be a JSON object")
-        if _plain(document, pb.ExecuteDeliberationRequest.DESCRIPTOR):
-            # Original field names and exact types: the constructor reads it as ParseDict
-            # would, 20 times faster. Anything else (camelCase, null, numbers as strings, a
-            # value out of range) takes ParseDict, which also words the error.
-            with contextlib.suppress(ValueError, TypeError):
-                return pb.ExecuteDeliberationRequest(**document)
-        try:
-            return json_format.ParseDict(document, pb.ExecuteDeliberationRequest(),
-                                         ignore_unknown_fields=False)
-        except (json_format.Error, ValueError, TypeError, RecursionError) as exc:
-            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            field = ".".join(a or b for a, b in _FIELD_RE.findall(text)) or "payload"
-            raise InvalidRequest(field, text) from None
 
     async def _submit(self, msgs: List[Msg],
                       requests: List[Tuple[pb.ExecuteDeliberationRequest, str]]) -> List[Any]:
@@ -373,67 +347,6 @@ class NatsIngress:
             return
         body = json_format.MessageToJson(response, preserving_proto_field_name=True, indent=None)
         await self._nc.publish(reply_to, body.encode())
-
-
-_PYTHON_TYPES = {
-    FieldDescriptor.CPPTYPE_STRING: str, FieldDescriptor.CPPTYPE_BOOL: bool,
-    FieldDescriptor.CPPTYPE_INT32: int, FieldDescriptor.CPPTYPE_UINT32: int,
-    FieldDescriptor.CPPTYPE_DOUBLE: float, FieldDescriptor.CPPTYPE_FLOAT: float,
-}  # 64-bit integers and enums have JSON forms of their own: they always take ParseDict
-
-
-def _plain(document: Dict[str, Any], descriptor: Descriptor) -> bool:
-    """Whether ``document`` uses only fields of ``descriptor`` that ``_shapes`` lists, each
-    value in exactly that shape."""
-    shapes = _shapes(descriptor)
-    for name, value in document.items():
-        shape = shapes.get(name)
-        if shape is None:
-            return False
-        kind, inner = shape
-        if kind is _SCALAR:
-            if type(value) is not inner:
-                return False
-        elif kind is _MESSAGE:
-            if type(value) is not dict or not _plain(value, inner):
-                return False
-        elif kind is _MESSAGES:
-            if type(value) is not list or not all(
-                    type(v) is dict and _plain(v, inner) for v in value):
-                return False
-        elif type(value) is not dict or not all(type(v) is str for v in value.values()):
-            return False  # _MAP
-    return True
-
-
-_SCALAR, _MESSAGE, _MESSAGES, _MAP = "scalar", "message", "repeated message", "map"
-
-
-@functools.cache
-def _shapes(descriptor: Descriptor) -> Dict[str, Tuple[str, Any]]:
-    """The fields of ``descriptor`` plain JSON can hand to the constructor, by original name,
-    each as ``(kind, detail)``: a scalar and its Python type, a message or repeated message
-    and its descriptor, a ``map<string, string>``. Left out, so they always take ParseDict:
-    64-bit integers, enums, repeated scalars, other maps, well-known types. Worked out once
-    per message type (the descriptor's own ``label`` is deprecated: repeated-ness comes from
-    its proto form)."""
-    proto = descriptor_pb2.DescriptorProto()
-    descriptor.CopyToProto(proto)
-    repeated = {field.name for field in proto.field
-                if field.label == descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED}
-    shapes: Dict[str, Tuple[str, Any]] = {}
-    for name, field in descriptor.fields_by_name.items():
-        message = field.message_type
-        if message is None:
-            if name not in repeated and field.cpp_type in _PYTHON_TYPES:
-                shapes[name] = (_SCALAR, _PYTHON_TYPES[field.cpp_type])
-        elif message.GetOptions().map_entry:
-            if all(message.fields_by_name[part].cpp_type == FieldDescriptor.CPPTYPE_STRING
-                   for part in ("key", "value")):
-                shapes[name] = (_MAP, None)
-        elif not message.full_name.startswith("google.protobuf."):
-            shapes[name] = (_MESSAGES if name in repeated else _MESSAGE, message)
-    return shapes
 
 
 def _header(headers: Mapping[str, str], name: str) -> str:

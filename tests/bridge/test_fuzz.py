@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bridge.nats_ingress import NatsIngress
+from bridge.request_json import parse_request
 from bridge.settings import Settings
 from bridge.validation import InvalidRequest
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -139,7 +139,7 @@ documents = st.fixed_dictionaries({}, optional={
 def test_nats_json_is_read_exactly_as_protobuf_json_reads_it() -> None:
     """The NATS ingress builds plainly typed requests with the message constructor, a fast
     path: it must accept and refuse exactly what ``json_format.ParseDict`` does."""
-    ingress = NatsIngress(None, Settings(), None)  # type: ignore[arg-type]
+    limit = Settings().max_request_bytes
 
     @settings(max_examples=400, deadline=None, derandomize=True)
     @given(documents)
@@ -149,7 +149,8 @@ def test_nats_json_is_read_exactly_as_protobuf_json_reads_it() -> None:
         except (json_format.Error, ValueError, TypeError):
             expected = "refused"
         try:
-            parsed: Any = ingress._parse(json.dumps(document).encode("utf-8", "surrogatepass"))
+            parsed: Any = parse_request(json.dumps(document).encode("utf-8", "surrogatepass"),
+                                        limit)
         except InvalidRequest:
             parsed = "refused"
         assert parsed == expected
