@@ -38,7 +38,9 @@ class Child:
 
     def stop(self, timeout: float) -> None:
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            # The leader only: Dramatiq's main process passes SIGTERM on to its workers, and a
+            # second SIGTERM makes a worker exit at once instead of finishing its jobs.
+            os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
