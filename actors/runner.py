@@ -309,16 +309,15 @@ class RayRunners:
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
-                    calls.cancel(key)
                     raise JobTimeout(f"no answer within {job.timeout_seconds}s; Ray task cancelled")
                 done, _ = await asyncio.wait({outcome}, timeout=min(remaining, CANCEL_POLL))
                 if done:
                     return outcome.result()  # type: ignore[no-any-return]
                 if await is_cancelled():
-                    calls.cancel(key)
                     raise JobCancelled("deliberation cancelled")
         finally:
-            calls.cancel(key)  # a no-op once settled; else stop its job on the cluster
+            # A no-op once settled; after a timeout or a cancellation, stops the job on Ray.
+            calls.cancel(key)
 
     async def _calls(self, kind: JobKind) -> RunnerCalls:
         handle = self.handles.get(kind.name)
