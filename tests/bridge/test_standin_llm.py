@@ -19,7 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from bridge.standin_llm import MARKER, ControlError, StandinThread, run_in_thread
+from bridge.standin_behaviour import MARKER
+from bridge.standin_llm import ControlError, StandinThread, run_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = {"model": "qwen-test", "messages": [

@@ -30,7 +30,8 @@ from actors.vllm_agent import (
 )
 from bridge.contract import AgentJob
 from bridge.servers import free_port
-from bridge.standin_llm import MARKER, StandinThread, run_in_thread
+from bridge.standin_behaviour import MARKER
+from bridge.standin_llm import StandinThread, run_in_thread
 
 
 @pytest.fixture(scope="module")

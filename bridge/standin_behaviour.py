@@ -1,0 +1,170 @@
+"""What the stand-in LLM does: its behaviour settings (latency and injected faults), its
+counters, and the chat completion it answers (an echo that says it is a stand-in, or a
+placeholder that fits the request's JSON schema). Standard library only, Python 3.9
+compatible."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, Dict, Mapping, Optional
+
+from bridge.standin_http import HttpError
+
+MARKER = "[stand-in LLM, not a real model]"
+REASONING = "Stand-in reasoning: no model ran; this text is fixed and says nothing."
+ECHO_CHARS = 200
+_FAULTS = ("status", "hang", "garbage", "reset")
+
+
+class ControlError(ValueError):
+    """A behaviour setting has an unknown name or a value of the wrong type."""
+
+
+@dataclasses.dataclass
+class Behaviour:
+    """What the stand-in does with chat requests; shared by all of them."""
+
+    latency: float = 0.0
+    status: int = 200
+    fail_count: int = -1
+    retry_after: Optional[float] = None
+    hang: bool = False
+    garbage: bool = False
+    reset: bool = False
+
+    def faulty(self) -> bool:
+        return self.status != 200 or self.hang or self.garbage or self.reset
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        """Apply ``changes`` (validated first: nothing changes when one is invalid)."""
+        values = {name: _checked(name, value) for name, value in changes.items()}
+        if "fail_count" not in values and any(name in values for name in _FAULTS):
+            values["fail_count"] = -1
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def clear_faults(self) -> None:
+        self.status = 200
+        self.hang = self.garbage = self.reset = False
+        self.fail_count = -1
+
+
+def _checked(name: str, value: Any) -> Any:
+    def number(minimum: float) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value >= minimum
+
+    def integer(low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    valid = {
+        "latency": lambda: number(0),
+        "status": lambda: integer(200, 599),
+        "fail_count": lambda: integer(-1, 2**31),
+        "retry_after": lambda: value is None or number(0),
+        "hang": lambda: isinstance(value, bool),
+        "garbage": lambda: isinstance(value, bool),
+        "reset": lambda: isinstance(value, bool),
+    }
+    if name not in valid:
+        raise ControlError(f"unknown setting {name!r} (known: {', '.join(valid)})")
+    if not valid[name]():
+        raise ControlError(f"invalid value for {name}: {value!r}")
+    return float(value) if name in ("latency", "retry_after") and value is not None else value
+
+
+@dataclasses.dataclass
+class Stats:
+    """Counters of chat requests (other endpoints are not counted)."""
+
+    requests: int = 0  # received
+    in_flight: int = 0  # received, not yet answered or closed
+    peak_in_flight: int = 0
+    completed: int = 0  # answered with a chat completion
+    errors: int = 0  # answered with an error status, garbage or a reset
+    cancelled: int = 0  # the client went away before the answer
+
+
+def _text(content: Any) -> str:
+    """The text of a message's content: a string or a list of OpenAI content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(part["text"] for part in content
+                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return ""
+
+
+def placeholder(schema: Any, depth: int = 0) -> Any:
+    """A value valid for a simple JSON schema: objects get their ``required`` properties."""
+    if not isinstance(schema, dict) or depth > 16:
+        return "stand-in"
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return placeholder(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind == "object":
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        return {name: placeholder(properties.get(name), depth + 1)
+                for name in (required if isinstance(required, list) else [])
+                if isinstance(name, str)}
+    if kind == "array":
+        count = schema.get("minItems")
+        count = min(count, 8) if isinstance(count, int) and count > 0 else 0
+        return [placeholder(schema.get("items"), depth + 1) for _ in range(count)]
+    simple = {"string": "stand-in", "number": 0.5, "integer": 1, "boolean": True, "null": None}
+    return simple.get(kind, "stand-in")
+
+
+def completion(request: Any, default_model: str) -> Dict[str, Any]:
+    """The chat completion the stand-in answers to ``request`` (the decoded JSON body)."""
+    if not isinstance(request, dict):
+        raise HttpError(400, "the body must be a JSON object")
+    messages = request.get("messages")
+    if not isinstance(messages, list) or not messages or \
+            not all(isinstance(m, dict) for m in messages):
+        raise HttpError(400, "'messages' must be a non-empty list of objects")
+    users = [m for m in messages if m.get("role") == "user"] or messages
+    echo = " ".join(_text(users[-1].get("content")).split())[:ECHO_CHARS]
+    answer = f"{MARKER} Echo of the last user message: {echo}"
+    response_format = request.get("response_format")
+    if isinstance(response_format, dict) and \
+            response_format.get("type") in ("json_schema", "json_object"):
+        schema = None
+        if isinstance(response_format.get("json_schema"), dict):
+            schema = response_format["json_schema"].get("schema")
+        value = placeholder(schema) if isinstance(schema, dict) else \
+            {"proposal": answer, "score": 0.5}
+        content = json.dumps(value)
+    else:
+        content = answer
+    model = request.get("model")
+    prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)
+    completion_tokens = len(content.split())
+    return {
+        "id": f"chatcmpl-standin-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model if isinstance(model, str) and model else default_model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content,
+                        "reasoning_content": REASONING},
+            "finish_reason": "stop",
+        }],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
