@@ -9,7 +9,7 @@ import sys
 import sysconfig
 import textwrap
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import grpc
 import pytest
@@ -20,34 +20,9 @@ from bridge import servers
 from bridge.client import RayExecutorClient
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
-from tests.bridge.conftest import request
+from tests.bridge.conftest import make_pki, request
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def make_pki(folder: Path) -> Dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate, made by openssl."""
-
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    # Extensions Python's strict X.509 checks (3.13) require of a CA and its leaves.
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
-        "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        "-keyout", "ca.key", "-out", "ca.pem")
-    for name in ("server", "client"):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-            "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        (folder / f"{name}.ext").write_text(
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-            "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
-            "keyUsage=critical,digitalSignature,keyEncipherment\n"
-            "extendedKeyUsage=serverAuth,clientAuth\n")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
-    return {name: str(folder / name) for name in
-            ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_tls_and_token(start_bridge: Any, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from bridge import servers
-from tests.bridge.conftest import request
+from tests.bridge.conftest import make_pki, request
 
 
 def test_nats_refuses_wrong_credentials_and_the_bridge_uses_right_ones(
@@ -81,8 +81,6 @@ def test_redis_password_is_required(start_bridge: Any, tmp_path: Path) -> None:
 
 
 def test_nats_over_tls_needs_the_ca(start_bridge: Any, tmp_path: Path) -> None:
-    from tests.bridge.test_grpc_security import make_pki
-
     pki = make_pki(tmp_path)
     server = servers.nats(tmp_path, extra_args=[
         "--tls", "--tlscert", pki["server.pem"], "--tlskey", pki["server.key"],
