@@ -40,7 +40,9 @@ class Settings:
         "NATS_URL", "", "NATS server URL(s), comma-separated, e.g. nats://nats:4222."
     )
     redis_url: str = _setting(
-        "REDIS_URL", "", "Redis URL of the Dramatiq broker and state, e.g. redis://redis:6379/0."
+        "REDIS_URL", "",
+        "Redis URL of the Dramatiq broker and state, e.g. redis://redis:6379/0; TLS: "
+        "rediss://redis:6380/0?ssl_ca_certs=/path/ca.pem.",
     )
     vllm_url: str = _setting(
         "VLLM_URL",

@@ -394,7 +394,7 @@ class DeliberationStore:
                     return await pipe.execute(raise_on_error=raise_on_error)
             except tuple(_RETRY_ON) as exc:
                 if attempt == 2:
-                    raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+                    raise _unavailable(exc) from exc
                 await asyncio.sleep(0.05 * 2**attempt)
 
     async def guard(self, awaitable: Any) -> Any:
@@ -404,7 +404,19 @@ class DeliberationStore:
         try:
             return await awaitable
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StateUnavailable(f"Redis unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
+
+
+def _unavailable(exc: BaseException) -> StateUnavailable:
+    """``StateUnavailable`` naming the cause. redis-py words some failures without it: a
+    refused TLS certificate reads "Error 1 connecting to host:port. 1.", the reason being
+    only in the exception it replaced."""
+    reason = str(exc)
+    cause = exc.__cause__ or exc.__context__
+    detail = (getattr(cause, "strerror", None) or str(cause)) if cause is not None else ""
+    if detail and detail not in reason:
+        reason = f"{reason} ({detail})"
+    return StateUnavailable(f"Redis unavailable: {reason}")
 
 
 def _decode_agents(raw: List[str]) -> List[Dict[str, Any]]:
