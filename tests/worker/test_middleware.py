@@ -127,15 +127,20 @@ def test_429_storm_backs_off_honours_retry_after_and_completes(
     standin.control(status=429, fail_count=6, retry_after=1)
 
     async def scenario(store: DeliberationStore) -> Any:
-        started = time.monotonic()
         did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url))
-        return await wait_final(store, did), time.monotonic() - started
+        final = await wait_final(store, did)
+        return final, [e async for e in store.events(did) if e["event"] == "agent_started"]
 
-    (record, agents), elapsed = run(settings, scenario)
+    (record, agents), starts = run(settings, scenario)
     assert record["status"] == "completed", agents
     assert sum(a["attempts"] for a in agents) == 3 + 6
     assert standin.stats()["errors"] == 6
-    assert elapsed >= 2.0  # each agent waited Retry-After (1 s) at least twice
+    assert len(starts) == 3 + 6
+    gaps = []  # between an agent's consecutive attempts: its call, then the delay
+    for agent in agents:
+        times = [e["time_ms"] for e in starts if e["agent_id"] == agent["agent_id"]]
+        gaps += [later - earlier for earlier, later in zip(times, times[1:])]
+    assert len(gaps) == 6 and min(gaps) >= 1000, gaps  # every retry waited Retry-After (1 s)
 
 
 def test_503_then_recovery_and_400_is_not_retried(
