@@ -1,9 +1,12 @@
 """Prometheus metrics of the bridge, served on ``/metrics`` with ``/healthz`` beside it.
 
-Queue depth per queue (ready, delayed, dead-letter) is read from Redis at scrape time: it is
-the metric the worker HPA scales on (``ray_executor_queue_depth{queue,state}``). Deliberation
-totals come from the shared Redis counters, so every bridge replica reports the same numbers;
-``ray_executor_ingress_requests_total`` counts what this replica accepted or refused.
+Queue depth per queue is read from Redis at scrape time: it is the metric the worker HPA
+scales on (``ray_executor_queue_depth{queue,state}``). ``ready``: messages no worker has
+fetched yet; ``delayed``: every message waiting for its time (retries, back-offs), those a
+worker already holds in memory included, as Dramatiq workers fetch delayed messages early;
+``dead_letter``. Deliberation totals come from the shared Redis counters, so every bridge
+replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
+replica accepted or refused.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ class QueueCollector:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.llen(queue_key(queue))
-                pipe.llen(queue_key(dq_name(queue)))
+                pipe.hlen(queue_key(dq_name(queue)) + ".msgs")
                 pipe.zcard(queue_key(xq_name(queue)))
                 pipe.hgetall(self.keys.stats)
                 pipe.zcard(self.keys.active)

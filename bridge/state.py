@@ -235,10 +235,11 @@ class DeliberationStore:
         return jobs
 
     async def stats(self) -> Dict[str, int]:
+        """Deliberation counters and queue depths (``delayed`` as in ``bridge.metrics``)."""
         queue = queue_key(self.settings.queue)
         counters, active, ready, delayed, dead = await self.pipelined(lambda pipe: (
             pipe.hgetall(self.keys.stats), pipe.zcard(self.keys.active), pipe.llen(queue),
-            pipe.llen(queue_key(dq_name(self.settings.queue))),
+            pipe.hlen(queue_key(dq_name(self.settings.queue)) + ".msgs"),
             pipe.zcard(queue_key(xq_name(self.settings.queue)))))
         counts = {k: int(v) for k, v in counters.items()}
         counts.update(active=active, ready=ready, delayed=delayed, dead=dead)

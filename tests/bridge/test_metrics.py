@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import re
+import time
 import urllib.request
 
+import dramatiq
 import grpc
+import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
 
@@ -49,3 +53,30 @@ def test_queue_depth_and_counters_move(bridge: BridgeProcess, redis_url: str) ->
     healthz = urllib.request.urlopen(
         f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz").read()
     assert healthz == b"ok\n"
+
+
+def test_delayed_depth_counts_what_a_worker_holds(bridge: BridgeProcess, redis_url: str) -> None:
+    """Dramatiq workers fetch delayed messages into memory until their time: the gauge (and
+    GetStatus) must still count them, not only what is left in Redis's list."""
+    broker = RedisBroker(url=redis_url, middleware=[])
+    actor = dramatiq.actor(lambda **job: None, actor_name="vllm_agent",
+                           queue_name=bridge.queue, broker=broker)
+    for _ in range(2):
+        actor.send_with_options(kwargs={"n": 1}, delay=60_000)
+    delayed = lambda: sample(  # noqa: E731
+        scrape(bridge), "ray_executor_queue_depth", queue=bridge.queue, state="delayed")
+    assert delayed() == 2
+    plain = redis.Redis.from_url(redis_url)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while plain.llen(f"dramatiq:{bridge.queue}.DQ") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert plain.llen(f"dramatiq:{bridge.queue}.DQ") == 0, "the worker took them"
+        assert delayed() == 2
+        status = bridge.stub().GetStatus(pb.GetStatusRequest(include_stats=True))
+        assert status.stats.delayed_messages == 2
+    finally:
+        worker.stop()
+        broker.close()
