@@ -261,7 +261,8 @@ class Settings:
     metrics_port: int = _setting(
         PREFIX + "METRICS_PORT",
         9464,
-        "Port of /metrics (Prometheus) and /healthz of this process (bridge or worker).",
+        "Port of /metrics (Prometheus) of this process (bridge or worker); the bridge serves "
+        "/healthz there too.",
         minimum=0,
     )
 
