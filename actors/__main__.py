@@ -54,8 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         connection.disconnect()
     env = dict(os.environ)
-    # Dramatiq's Prometheus middleware: our port, and a multiprocess directory of this worker
-    # group's own (its default is shared by every worker on the machine).
+    # Dramatiq's Prometheus middleware: our address and port (it would bind 0.0.0.0, even under
+    # `ray-executor up`), and a multiprocess directory of this worker group's own (its default
+    # is shared by every worker on the machine).
+    env["dramatiq_prom_host"] = settings.grpc_host
     env["dramatiq_prom_port"] = str(settings.metrics_port)
     env["dramatiq_prom_db"] = tempfile.mkdtemp(prefix="rx-metrics-")
     env["dramatiq_prom_lock"] = env["dramatiq_prom_db"] + ".lock"

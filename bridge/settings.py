@@ -52,7 +52,9 @@ class Settings:
     vllm_model: str = _setting("VLLM_MODEL", "Qwen/Qwen3-0.6B", "Default model name for vLLM.")
 
     # --- gRPC ingress ---
-    grpc_host: str = _setting(PREFIX + "GRPC_HOST", "0.0.0.0", "gRPC listen address.")
+    grpc_host: str = _setting(
+        PREFIX + "GRPC_HOST", "0.0.0.0",
+        "Listen address of gRPC and of /metrics (the bridge's and the workers').")
     grpc_port: int = _setting(
         PREFIX + "GRPC_PORT", 50056, "gRPC listen port (the Orchestrator calls 50056).", minimum=0
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,20 @@ from bridge import servers
 from tests.conftest import worker_python
 
 CLI = str(Path(sys.executable).parent / "ray-executor")
+# 127.0.0.1 as /proc/net/tcp writes it, and as tcp6 writes ::ffff:127.0.0.1 and ::1.
+LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
+
+
+def listening(port: int) -> set:
+    """Local addresses with a socket listening on ``port`` (/proc/net/tcp and tcp6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, hex_port = fields[1].rsplit(":", 1)
+            if fields[3] == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
 
 
 @pytest.mark.slow
@@ -48,6 +63,11 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
         assert out.startswith("submitted: delib-")
         assert "agent_completed" in out and "completed: 2/2 agents completed" in out
         assert "stand-in" in out  # the best proposal, from the stand-in LLM
+        worker_metrics = int(re.search(r"worker metrics +http://127\.0\.0\.1:(\d+)/",
+                                       log.read_text()).group(1))  # type: ignore[union-attr]
+        for port in (grpc_port, dashboard_port, int(env["RAY_EXECUTOR_METRICS_PORT"]),
+                     worker_metrics):  # ours listen on loopback only
+            assert listening(port) and listening(port) <= LOOPBACK, (port, listening(port))
     finally:
         up.send_signal(signal.SIGINT)
         try:
