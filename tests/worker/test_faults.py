@@ -152,8 +152,9 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
                 workers = WorkerGroup.with_settings(settings,
                                                     tmp_path / f"workers-{kill + 1}.log")
             killed = time.monotonic()
-            await until_final(store, ids, timeout=240)
+            final = await until_final(store, ids, timeout=240)
             done = time.monotonic() - killed
+            assert {record["status"] for record, _ in final.values()} == {"completed"}
             slots = await redis.keys(f"{settings.key_prefix}:limit:*:slots")
             leaked = sum([await redis.zcard(key) for key in slots])
             assert leaked == 0, f"{leaked} rate-limit slots still held"
@@ -168,6 +169,9 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
         events = asyncio.run(published(nats_url, did, settle=0.2))
         msg_ids = [m.headers["Nats-Msg-Id"] for m in events]
         assert len(msg_ids) == len(set(msg_ids)) == 4, msg_ids  # 2 agents, submitted, final
+        assert sorted(m.subject for m in events) == [
+            "agent.response.completed", "agent.response.completed",
+            "orchestration.deliberation.completed", "orchestration.deliberation.submitted"]
         bodies = [m.data for m in events]
         assert len(bodies) == len(set(bodies))  # and by content
         ids_seen += msg_ids
