@@ -161,6 +161,8 @@ def test_cancel_and_watch(bridge: BridgeProcess) -> None:
     status = stub.GetDeliberationStatus(
         pb.GetDeliberationStatusRequest(deliberation_id=reply.deliberation_id))
     assert status.status == "cancelled" and "changed plans" in status.error_message
+    assert [a.status for a in status.agents] == ["cancelled", "cancelled"]
+    assert all(a.end_time.seconds for a in status.agents)
     for call, req in [(stub.CancelDeliberation, pb.CancelDeliberationRequest),
                       (stub.WatchDeliberation, pb.WatchDeliberationRequest)]:
         with pytest.raises(grpc.RpcError) as caught:
