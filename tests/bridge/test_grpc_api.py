@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,6 +15,8 @@ from dramatiq.brokers.redis import RedisBroker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from bridge.client import DeliberationFailed, DeliberationTimeout, RayExecutorClient
+from bridge.grpc_server import best_result
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
@@ -187,3 +190,37 @@ def test_health_and_reflection(bridge: BridgeProcess) -> None:
 def test_graceful_stop(bridge: BridgeProcess) -> None:
     bridge.stub().ExecuteDeliberation(request(agents=1))
     assert bridge.stop() == 0
+
+
+def test_the_client_waits_times_out_and_reports_a_cancelled_deliberation(
+        bridge: BridgeProcess) -> None:
+    """``RayExecutorClient.wait``: no worker runs here, so the deliberation stays queued until
+    the client itself cancels it."""
+
+    async def scenario() -> None:
+        async with RayExecutorClient(bridge.address) as client:
+            submitted = await client.execute_deliberation(
+                task_id=f"wait-{time.time_ns()}", task_description="Wait for me",
+                agents=[("a1", "DEV")])
+            with pytest.raises(DeliberationTimeout):
+                await client.wait(submitted.deliberation_id, timeout=0.5)
+            waiting = asyncio.ensure_future(client.wait(submitted.deliberation_id, timeout=30))
+            await asyncio.sleep(0.3)
+            cancelled = await client.cancel(submitted.deliberation_id, reason="not needed")
+            assert cancelled.status == "cancelled"
+            with pytest.raises(DeliberationFailed) as caught:
+                await waiting
+            assert caught.value.status.status == "cancelled"
+            assert "not needed" in str(caught.value)
+
+    asyncio.run(scenario())
+
+
+def test_the_best_result_is_the_highest_score_then_the_earliest_completion() -> None:
+    agents = [{"agent_id": "a", "status": "completed", "result": {"score": 0.5}, "end_ms": 10},
+              {"agent_id": "b", "status": "completed", "result": {"score": 0.9}, "end_ms": 30},
+              {"agent_id": "c", "status": "completed", "result": {"score": 0.9}, "end_ms": 20},
+              {"agent_id": "d", "status": "failed", "result": {"score": 1.0}, "end_ms": 5},
+              {"agent_id": "e", "status": "completed", "result": {}, "end_ms": 1}]
+    assert best_result(agents)["agent_id"] == "c"  # type: ignore[index]
+    assert best_result([agents[3]]) is None  # failed agents never count
