@@ -6,6 +6,7 @@ job kind (``tests.worker.kinds``), so these tests need neither the bridge nor an
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -104,6 +105,23 @@ def test_a_failing_job_is_recorded_once_and_not_retried(settings: Settings,
         assert agent["status"] == "failed" and agent["attempts"] == 1
         assert agent["error_type"] == "job_error" and "asked to fail" in agent["error"]
         assert agent["retryable"] is False
+    # ... and on NATS: each agent's failure once, then the deliberation's.
+    events = asyncio.run(published(settings.nats_url, record["id"]))
+    by_subject: Dict[str, List[Any]] = {}
+    for msg in events:
+        by_subject.setdefault(msg.subject, []).append(json.loads(msg.data))
+    # No bridge here: "submitted" goes out with the outbox loop once its lease passes.
+    assert len(by_subject.pop("orchestration.deliberation.submitted", [])) <= 1
+    assert sorted((s, len(m)) for s, m in by_subject.items()) == [
+        ("agent.response.failed", 2), ("orchestration.deliberation.failed", 1)]
+    for body in by_subject["agent.response.failed"]:
+        assert body["status"] == "failed" and body["error_type"] == "job_error"
+        assert "asked to fail" in body["error"]
+        assert body["retryable"] is False and body["attempts"] == 1
+        assert body["deliberation_id"] == record["id"] and body["num_agents"] == 2
+    [final] = by_subject["orchestration.deliberation.failed"]
+    assert final["status"] == "failed" and final["failed_count"] == 2
+    assert final["completed_count"] == 0 and len(final["failed_agents"]) == 2
 
 
 async def published(nats_url: str, deliberation_id: str, settle: float = 2.0) -> List[Any]:
