@@ -166,6 +166,26 @@ def test_503_then_recovery_and_400_is_not_retried(
     assert standin.stats()["requests"] - before == 2  # one call each, no retry
 
 
+def test_retries_used_up_fail_the_agent_and_dead_letter_its_message(
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
+    standin.control(status=503, fail_count=-1)  # never recovers
+
+    async def scenario(store: DeliberationStore) -> Any:
+        return await wait_final(store, await submit(
+            store, agent_jobs(f"d-{uuid.uuid4().hex}", 1, standin.url, retries=2)))
+
+    record, [agent] = run(settings, scenario)
+    assert record["status"] == "failed"
+    assert (agent["status"], agent["error_type"], agent["retryable"], agent["attempts"]) == (
+        "failed", "unavailable", True, 3)  # the first attempt and both retries
+    assert standin.stats()["errors"] == 3
+    plain = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    dead = [json.loads(m) for m in plain.hvals(f"dramatiq:{settings.queue}.XQ.msgs")]
+    assert [m["options"]["retries"] for m in dead
+            if m["kwargs"]["deliberation_id"] == record["id"]] == [2], "in Dramatiq's DLQ"
+
+
 def test_a_hung_call_times_out_and_its_ray_task_is_cancelled(
         shared: Settings, standin: Standin) -> None:
     settings = shared
