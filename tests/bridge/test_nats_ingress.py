@@ -311,6 +311,49 @@ def test_redis_outage_during_a_burst_loses_and_duplicates_nothing(
         valkey.stop()
 
 
+@pytest.mark.slow  # in-hand requests wait out ack_wait (30 s) before their redelivery
+def test_a_nats_restart_mid_burst_loses_and_duplicates_nothing(
+        start_bridge: Callable[..., BridgeProcess], channel: Channel, redis_url: str,
+        tmp_path: Path) -> None:
+    """nats-server restarts (its JetStream store kept) while the bridge consumes: the bridge
+    reconnects and takes up its durable consumer where it was. Requests in hand at the restart
+    lose their acks; JetStream redelivers them and they are answered as duplicates."""
+    folder = tmp_path / "nats-restart"
+    folder.mkdir()
+    server = servers.nats(folder).start()
+    try:
+        bridge = start_bridge(NATS_URL=server.url, **channel.env)
+        reqs = [request(agents=1) for _ in range(1200)]
+        items: List[Publish] = [(as_json(r), {}) for r in reqs]
+
+        async def before(nc: NATS, js: JetStreamContext) -> None:
+            await consumer_ready(js, channel)
+            await publish_all(js, channel.subjects.deliberate, items[:1000])
+            await wait_for(lambda: queue_length(redis_url, bridge) > 0, 20,
+                           "the first enqueues")
+
+        with_nats(server.url, before)
+        server.stop()  # mid-burst: some requests enqueued, some in hand, some not fetched
+        server.start()
+
+        async def after(nc: NATS, js: JetStreamContext) -> Any:
+            await publish_all(js, channel.subjects.deliberate, items[1000:])
+            await settled(js, channel, timeout=90)  # in-hand acks lost: redelivered
+            return await dead_letters(js, channel, 0, timeout=1)
+
+        assert with_nats(server.url, after) == []
+        messages = queued(redis_url, bridge)
+        assert len(messages) == len(reqs)
+        assert len({m["kwargs"]["deliberation_id"] for m in messages}) == len(reqs)
+        assert {m["kwargs"]["task_id"] for m in messages} == {r.task_id for r in reqs}
+        assert bridge.stop() == 0
+        counts = stop_counts(bridge)
+        assert counts["accepted"] == len(reqs) and counts["dead_lettered"] == 0
+        print(f"NATS restart mid-burst: {counts}")
+    finally:
+        server.stop()
+
+
 def test_two_replicas_split_a_burst_and_handle_each_request_once(
         start_bridge: Callable[..., BridgeProcess], channel: Channel, redis_url: str,
         nats_url: str) -> None:
