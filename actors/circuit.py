@@ -24,6 +24,7 @@ from dramatiq.middleware import SkipMessage
 from actors import metrics
 from actors.limits import endpoint_key
 from actors.runtime import WorkerRuntime
+from bridge.contract import Keys
 from bridge.logs import message_context, redact
 from bridge.settings import Settings
 
@@ -67,7 +68,7 @@ class CircuitBreaker(dramatiq.Middleware):
     def __init__(self, settings: Settings, runtime: WorkerRuntime) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.prefix = f"{settings.key_prefix}:circuit"
+        self.prefix = Keys(settings.key_prefix).circuits
         # Messages that found failures recorded for their endpoint: only their success needs
         # to reset the count (a Redis round trip saved on every other job).
         self._dirty: Set[str] = set()

@@ -92,6 +92,8 @@ class Keys:
         self.stats = f"{prefix}:stats"  # hash of counters
         self.outbox = f"{prefix}:outbox"  # hash: event id -> JSON of what to publish
         self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent
+        # hash per vLLM endpoint (``url|model``): failures, opened_until ms (actors.circuit)
+        self.circuits = f"{prefix}:circuit"
 
     def deliberation(self, deliberation_id: str) -> str:
         return f"{self.prefix}:d:{deliberation_id}"

@@ -4,17 +4,19 @@ Queue depth per queue is read from Redis at scrape time: it is the metric the wo
 scales on (``ray_executor_queue_depth{queue,state}``). ``ready``: messages no worker has
 fetched yet; ``delayed``: every message waiting for its time (retries, back-offs), those a
 worker already holds in memory included, as Dramatiq workers fetch delayed messages early;
-``dead_letter``. Deliberation totals come from the shared Redis counters, so every bridge
-replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
-replica accepted or refused.
+``dead_letter``. ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers'
+records (``actors.circuit``). Deliberation totals come from the shared Redis counters, so
+every bridge replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts
+what this replica accepted or refused.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional
 
 import redis
 from dramatiq.common import dq_name, xq_name
@@ -23,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from bridge.contract import Keys
+from bridge.logs import redact
 from bridge.settings import Settings
 from bridge.state import connect_sync, queue_key
 
@@ -55,6 +58,10 @@ class QueueCollector:
                                    "Deliberations by outcome, across every replica.",
                                    labels=["status"])
         up = GaugeMetricFamily("ray_executor_redis_up", "1 when Redis answered the scrape.")
+        circuits = GaugeMetricFamily(
+            "ray_executor_circuit_open", "1 while a vLLM endpoint's circuit is open (jobs wait), "
+            "0 while it has failures recorded but is closed or letting a probe through.",
+            labels=["endpoint"])
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 pipe.llen(queue_key(queue))
@@ -63,6 +70,7 @@ class QueueCollector:
                 pipe.hgetall(self.keys.stats)
                 pipe.zcard(self.keys.active)
                 ready, delayed, dead, stats, active = pipe.execute()
+            opened = self._circuits()
         except redis.RedisError as exc:
             logger.warning("metrics scrape could not read Redis: %s", exc)
             up.add_metric([], 0)
@@ -74,7 +82,22 @@ class QueueCollector:
         for status in ("total", "completed", "failed", "cancelled"):
             totals.add_metric([status], int(stats.get(status, 0)))
         totals.add_metric(["active"], active)
-        yield from (depth, totals, up)
+        now = time.time() * 1000
+        for endpoint, opened_until in opened.items():
+            circuits.add_metric([redact(endpoint)], 1 if opened_until > now else 0)
+        yield from (depth, totals, circuits, up)
+
+    def _circuits(self) -> Dict[str, float]:
+        """``opened_until`` (ms, 0 when closed) of every endpoint with a circuit record; the
+        records expire on their own once an endpoint stops failing."""
+        prefix = self.keys.circuits + ":"
+        names = [key for key in self.redis.scan_iter(match=prefix + "*", count=1000)
+                 if not key.endswith(":probe")]
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in names:
+                pipe.hget(key, "opened_until")
+            values = pipe.execute()
+        return {key[len(prefix):]: float(value or 0) for key, value in zip(names, values)}
 
 
 def serve(settings: Settings, healthy: Callable[[], bool]) -> Optional[ThreadingHTTPServer]:

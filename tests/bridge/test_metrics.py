@@ -12,6 +12,7 @@ import grpc
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
+from bridge.logs import redact
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
@@ -80,3 +81,21 @@ def test_delayed_depth_counts_what_a_worker_holds(bridge: BridgeProcess, redis_u
     finally:
         worker.stop()
         broker.close()
+
+
+def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> None:
+    """What the workers' circuit breakers record (``actors.circuit``), as a gauge per endpoint;
+    credentials in an endpoint's URL never reach a label."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    prefix = f"{bridge.prefix}:circuit:"
+    now = int(time.time() * 1000)
+    failing, wobbly = "http://user:s3cret@vllm-a:8000/v1|m", "http://vllm-b:8000/v1|m"
+    client.hset(prefix + failing, mapping={"failures": 5, "opened_until": now + 60_000})
+    client.hset(prefix + wobbly, mapping={"failures": 2})  # failures, still closed
+    client.set(prefix + failing + ":probe", "message-id")  # a probe's lock, not an endpoint
+    text = scrape(bridge)
+    assert sample(text, "ray_executor_circuit_open", endpoint=redact(failing)) == 1
+    assert sample(text, "ray_executor_circuit_open", endpoint=wobbly) == 0
+    assert text.count("ray_executor_circuit_open{") == 2 and "s3cret" not in text
+    client.hset(prefix + failing, "opened_until", now - 1)  # its cooldown is over
+    assert sample(scrape(bridge), "ray_executor_circuit_open", endpoint=redact(failing)) == 0
