@@ -96,7 +96,13 @@ def test_three_agents_across_python_versions(start_bridge: Any, start_worker: An
             assert final.status == "completed"
             assert final.completed_agents == 3 and len(final.results) == 3
             assert "stand-in" in final.result.proposal
+            watched = [(e.event, e.agent_id) async for e in client.watch(
+                submitted.deliberation_id)]  # the whole story, from the first event
             events = await collect(nats_url, submitted.deliberation_id, 5, 60)
+        assert watched[0] == ("submitted", "") and watched[-1] == ("completed", "")
+        for agent_id in ("dev-1", "qa-1", "arch-1"):
+            mine = [event for event, who in watched if who == agent_id]
+            assert mine == ["agent_started", "agent_completed"], (agent_id, watched)
         subjects = sorted(m.subject for m in events)
         assert subjects == ["agent.response.completed"] * 3 + [
             "orchestration.deliberation.completed", "orchestration.deliberation.submitted"]
@@ -112,5 +118,8 @@ def test_three_agents_across_python_versions(start_bridge: Any, start_worker: An
             if msg.subject == "orchestration.deliberation.completed":
                 assert body["status"] == "completed" and body["completed_count"] == 3
                 assert len(body["results"]) == 3
+                assert body["task_id"] == final.task_id and body["num_agents"] == 3
+                assert body["failed_agents"] == [] and body["failed_count"] == 0
+                assert body["duration_ms"] > 0 and body["timestamp"].endswith("Z")
 
     asyncio.run(scenario())
