@@ -84,7 +84,8 @@ class Settings:
     max_request_bytes: int = _setting(
         PREFIX + "MAX_REQUEST_BYTES",
         1048576,
-        "Largest gRPC request or NATS payload, in bytes.",
+        "Largest gRPC request or NATS payload, in bytes (refused naming the field; gRPC "
+        "itself refuses a message over 4x this plus 64 KiB with RESOURCE_EXHAUSTED).",
         minimum=1,
     )
     allowed_roles: Tuple[str, ...] = _setting(
