@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from bridge.client import DeliberationFailed, DeliberationTimeout, RayExecutorClient
 from bridge.grpc_server import best_result
 from ray_executor.v1 import ray_executor_pb2 as pb
+from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 
 
@@ -187,9 +188,37 @@ def test_health_and_reflection(bridge: BridgeProcess) -> None:
     assert {"ray_executor.v1.RayExecutorService", "grpc.health.v1.Health"} <= names
 
 
-def test_graceful_stop(bridge: BridgeProcess) -> None:
-    bridge.stub().ExecuteDeliberation(request(agents=1))
-    assert bridge.stop() == 0
+def test_a_stop_under_load_answers_every_call_and_half_writes_nothing(
+        bridge: BridgeProcess, redis_url: str) -> None:
+    """SIGTERM while 32 callers keep submitting: calls in flight finish, later ones are
+    refused, and exactly the deliberations whose submit was answered are enqueued."""
+    answered: List[str] = []  # task ids the bridge said were submitted
+    refused: List[grpc.StatusCode] = []
+
+    async def caller(channel: grpc.aio.Channel, index: int) -> None:
+        stub = rpc.RayExecutorServiceStub(channel)
+        for n in range(10_000):
+            task_id = f"stop-{index}-{n}"
+            try:
+                await stub.ExecuteDeliberation(request(task_id=task_id, agents=1), timeout=20)
+            except grpc.aio.AioRpcError as exc:
+                refused.append(exc.code())
+                return
+            answered.append(task_id)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(bridge.address) as channel:
+            callers = [asyncio.ensure_future(caller(channel, i)) for i in range(32)]
+            await asyncio.sleep(1.0)
+            bridge.process.terminate()
+            await asyncio.gather(*callers)
+
+    asyncio.run(scenario())
+    assert bridge.process.wait(30) == 0
+    assert len(answered) > 100 and len(refused) == 32, (len(answered), refused)
+    assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
+    enqueued = [m["kwargs"]["task_id"] for m in queued(redis_url, bridge)]
+    assert sorted(enqueued) == sorted(answered), "an answered call not enqueued, or the reverse"
 
 
 def test_the_client_waits_times_out_and_reports_a_cancelled_deliberation(
