@@ -92,6 +92,13 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
               for a in agents if a["status"] != "completed"}
     assert statuses == ["completed"] * 10, errors
     assert max(attempts) >= 2  # the jobs that were running ran again
+    for did in final:  # the jobs that ran twice published their outcome once
+        events = asyncio.run(published(nats_url, did, settle=0.2))
+        subjects = sorted(m.subject for m in events if not m.subject.endswith(".submitted"))
+        assert subjects == ["agent.response.completed"] * 2 + [
+            "orchestration.deliberation.completed"], subjects
+        msg_ids = [m.headers["Nats-Msg-Id"] for m in events]
+        assert len(msg_ids) == len(set(msg_ids)), msg_ids
 
 
 def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path) -> None:
