@@ -166,6 +166,27 @@ def test_503_then_recovery_and_400_is_not_retried(
     assert standin.stats()["requests"] - before == 2  # one call each, no retry
 
 
+def test_a_reset_connection_is_retried_and_a_garbage_answer_fails_once(
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
+
+    async def two_agents(store: DeliberationStore) -> Any:
+        return await wait_final(store, await submit(
+            store, agent_jobs(f"d-{uuid.uuid4().hex}", 2, standin.url)))
+
+    standin.control(reset=True, fail_count=2)
+    record, agents = run(settings, two_agents)
+    assert record["status"] == "completed", agents
+    assert sum(a["attempts"] for a in agents) == 4  # both resets retried
+
+    standin.control(garbage=True, fail_count=-1)
+    record, agents = run(settings, two_agents)
+    assert record["status"] == "failed"
+    for agent in agents:  # a 200 that is not JSON: retrying would get the same
+        assert (agent["error_type"], agent["retryable"], agent["attempts"]) == (
+            "invalid_response", False, 1)
+
+
 def test_retries_used_up_fail_the_agent_and_dead_letter_its_message(
         shared: Settings, standin: Standin) -> None:
     settings = shared
