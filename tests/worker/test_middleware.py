@@ -276,6 +276,26 @@ def test_the_circuit_opens_on_failures_and_closes_on_recovery(
 
 
 @pytest.mark.slow
+def test_the_request_rate_limit_spreads_calls_over_windows(
+        base: Any, standin: Standin, start_workers: Any) -> None:
+    settings = base(RAY_EXECUTOR_VLLM_RATE_LIMIT="2", RAY_EXECUTOR_VLLM_RATE_WINDOW="1")
+    start_workers(settings)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 6, standin.url))
+        final = await wait_final(store, did)
+        return final, [e["time_ms"] async for e in store.events(did)
+                       if e["event"] == "agent_started"]
+
+    (record, agents), starts = run(settings, scenario)
+    assert record["status"] == "completed", agents
+    assert [a["attempts"] for a in agents] == [1] * 6  # a refusal uses no attempt or retry
+    assert standin.stats()["requests"] == 6
+    # 6 calls at 2 per 1 s window take three windows: the last starts a window after the
+    # first window ended, at least.
+    assert max(starts) - min(starts) >= 1000, sorted(starts)
+
+
 def test_the_concurrency_limit_holds_across_four_processes(
         base: Any, standin: Standin, start_workers: Any) -> None:
     limit = 6
