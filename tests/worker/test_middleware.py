@@ -22,6 +22,7 @@ from bridge.contract import AgentJob
 from bridge.settings import Settings
 from bridge.standin_llm import run_in_thread
 from bridge.state import DeliberationStore
+from tests.worker.test_job_kinds import published
 from tests.workers import WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
@@ -247,6 +248,35 @@ def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
     while standin.stats()["cancelled"] < 3:
         assert time.monotonic() < deadline, standin.stats()
         time.sleep(0.2)
+
+
+def test_cancelling_skips_queued_jobs_and_publishes_cancelled_once(
+        shared: Settings, standin: Standin) -> None:
+    settings = shared
+    standin.control(latency=60)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        # One slot for this deliberation's endpoint: one agent runs, two wait their turn.
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
+                                             timeout=120), concurrency_limit=1)
+        deadline = time.monotonic() + 60
+        while standin.stats()["in_flight"] < 1:
+            assert time.monotonic() < deadline, standin.stats()
+            await asyncio.sleep(0.2)
+        assert await store.cancel(did, "no longer needed") == (True, "cancelled")
+        await asyncio.sleep(2.0)  # the waiting two come back from the limiter meanwhile
+        return await wait_final(store, did)
+
+    record, agents = run(settings, scenario)
+    assert record["status"] == "cancelled"
+    assert [a["status"] for a in agents] == ["cancelled"] * 3
+    stats = standin.stats()
+    assert stats["requests"] == 1, stats  # the two queued jobs never called vLLM
+    events = asyncio.run(published(settings.nats_url, record["id"], settle=8.0))  # lease: 5 s
+    cancelled = [m for m in events if m.subject == "orchestration.deliberation.cancelled"]
+    assert len(cancelled) == 1, [m.subject for m in events]
+    body = json.loads(cancelled[0].data)
+    assert body["status"] == "cancelled" and body["reason"] == "no longer needed"
 
 
 def test_the_circuit_opens_on_failures_and_closes_on_recovery(
