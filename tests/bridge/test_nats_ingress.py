@@ -71,6 +71,13 @@ def as_json(req: pb.ExecuteDeliberationRequest, camel: bool = False) -> bytes:
     return json_format.MessageToJson(req, preserving_proto_field_name=not camel).encode()
 
 
+def burst(count: int, agents: int) -> Tuple[List[pb.ExecuteDeliberationRequest],
+                                             List[Publish]]:
+    """``count`` valid requests and their JSON, ready for ``publish_all``."""
+    reqs = [request(agents=agents) for _ in range(count)]
+    return reqs, [(as_json(r), {}) for r in reqs]
+
+
 def with_nats(nats_url: str, body: Callable[[NATS, JetStreamContext], Awaitable[Any]]) -> Any:
     async def main() -> Any:
         nc = await nats.connect(nats_url)
@@ -121,6 +128,15 @@ async def publish_all(js: JetStreamContext, subject: str, items: List[Publish]) 
         acks += await asyncio.gather(*[js.publish(subject, data, headers=headers or None)
                                        for data, headers in items[start:start + 200]])
     return acks
+
+
+async def publish_until_enqueued(js: JetStreamContext, chan: Channel, items: List[Publish],
+                                 redis_url: str, bridge: BridgeProcess) -> None:
+    """Publish ``items`` once the bridge pulls; return as soon as the first are enqueued (the
+    moment the outage tests break something)."""
+    await consumer_ready(js, chan)
+    await publish_all(js, chan.subjects.deliberate, items)
+    await wait_for(lambda: queue_length(redis_url, bridge) > 0, 20, "the first enqueues")
 
 
 async def dead_letters(js: JetStreamContext, chan: Channel, expect: int,
@@ -278,14 +294,10 @@ def test_redis_outage_during_a_burst_loses_and_duplicates_nothing(
     valkey = servers.valkey(folder, appendonly=True).start()
     try:
         bridge = start_bridge(REDIS_URL=valkey.url, **channel.env)
-        reqs = [request(agents=2) for _ in range(200)]
-        items: List[Publish] = [(as_json(r), {}) for r in reqs]
+        reqs, items = burst(200, agents=2)
 
         async def body(nc: NATS, js: JetStreamContext) -> Any:
-            await consumer_ready(js, channel)
-            await publish_all(js, channel.subjects.deliberate, items[:100])
-            await wait_for(lambda: queue_length(valkey.url, bridge) > 0, 20,
-                           "the first enqueues")
+            await publish_until_enqueued(js, channel, items[:100], valkey.url, bridge)
             valkey.stop()  # mid-burst
             await publish_all(js, channel.subjects.deliberate, items[100:])
             await asyncio.sleep(1.5)
@@ -323,14 +335,10 @@ def test_a_nats_restart_mid_burst_loses_and_duplicates_nothing(
     server = servers.nats(folder).start()
     try:
         bridge = start_bridge(NATS_URL=server.url, **channel.env)
-        reqs = [request(agents=1) for _ in range(1200)]
-        items: List[Publish] = [(as_json(r), {}) for r in reqs]
+        reqs, items = burst(1200, agents=1)
 
         async def before(nc: NATS, js: JetStreamContext) -> None:
-            await consumer_ready(js, channel)
-            await publish_all(js, channel.subjects.deliberate, items[:1000])
-            await wait_for(lambda: queue_length(redis_url, bridge) > 0, 20,
-                           "the first enqueues")
+            await publish_until_enqueued(js, channel, items[:1000], redis_url, bridge)
 
         with_nats(server.url, before)
         server.stop()  # mid-burst: some requests enqueued, some in hand, some not fetched

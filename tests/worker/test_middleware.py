@@ -105,6 +105,20 @@ async def wait_final(store: DeliberationStore, deliberation_id: str, timeout: fl
         await asyncio.sleep(0.2)
 
 
+async def three_slow_agents(store: DeliberationStore, standin: Standin, in_flight: int,
+                            **options: Any) -> str:
+    """Submit a deliberation of three agents whose calls take a minute; return its id once
+    ``in_flight`` of them are calling the stand-in."""
+    standin.control(latency=60)
+    did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
+                                         timeout=120), **options)
+    deadline = time.monotonic() + 60
+    while standin.stats()["in_flight"] < in_flight:
+        assert time.monotonic() < deadline, standin.stats()
+        await asyncio.sleep(0.2)
+    return did
+
+
 @pytest.fixture
 def base(redis_url: str, nats_url: str, ray_address: str) -> Any:
     return lambda **extra: make_settings(redis_url, nats_url, ray_address, **extra)
@@ -230,15 +244,9 @@ def test_a_hung_call_times_out_and_its_ray_task_is_cancelled(
 def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
         shared: Settings, standin: Standin) -> None:
     settings = shared
-    standin.control(latency=60)
 
     async def scenario(store: DeliberationStore) -> Any:
-        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
-                                             timeout=120))
-        deadline = time.monotonic() + 60
-        while standin.stats()["in_flight"] < 3:
-            assert time.monotonic() < deadline, standin.stats()
-            await asyncio.sleep(0.2)
+        did = await three_slow_agents(store, standin, in_flight=3)
         assert await store.cancel(did, "test") == (True, "cancelled")
         return await wait_final(store, did)
 
@@ -253,16 +261,10 @@ def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
 def test_cancelling_skips_queued_jobs_and_publishes_cancelled_once(
         shared: Settings, standin: Standin) -> None:
     settings = shared
-    standin.control(latency=60)
 
     async def scenario(store: DeliberationStore) -> Any:
         # One slot for this deliberation's endpoint: one agent runs, two wait their turn.
-        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
-                                             timeout=120), concurrency_limit=1)
-        deadline = time.monotonic() + 60
-        while standin.stats()["in_flight"] < 1:
-            assert time.monotonic() < deadline, standin.stats()
-            await asyncio.sleep(0.2)
+        did = await three_slow_agents(store, standin, in_flight=1, concurrency_limit=1)
         assert await store.cancel(did, "no longer needed") == (True, "cancelled")
         await asyncio.sleep(2.0)  # the waiting two come back from the limiter meanwhile
         return await wait_final(store, did)
