@@ -35,25 +35,21 @@ def test_connects_and_runs_a_remote_function(ray_address: str) -> None:
 
 
 def test_a_mismatched_python_gets_an_actionable_error(ray_address: str) -> None:
-    """A client on another Python (with the same Ray) is refused with both versions named."""
+    """The worker command on another Python (with the same Ray) refuses to start: exit 3, both
+    versions named, what to change."""
     python = os.environ.get("RAY_EXECUTOR_MISMATCH_PYTHON")
     if not python:
         pytest.fail("RAY_EXECUTOR_MISMATCH_PYTHON must name a non-3.9 python with Ray (make envs)")
-    code = (
-        "import sys\n"
-        "from actors.connection import RayConnection, RayVersionMismatch\n"
-        "try:\n"
-        f"    RayConnection({ray_address!r}).connect()\n"
-        "except RayVersionMismatch as exc:\n"
-        "    print(exc); sys.exit(3)\n"
-    )
+    env = dict(os.environ, RAY_ADDRESS=ray_address, REDIS_URL="redis://127.0.0.1:9/0")
     for _ in range(3):  # the head may fail to start a client server (a port another head
         # on this machine still holds: Ray picks them from one machine-wide range)
-        run = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=120)
+        run = subprocess.run([python, "-m", "actors"], capture_output=True, text=True,
+                             timeout=120, env=env)
         if "Starting Ray client server failed" not in run.stderr:
             break
     assert run.returncode == 3, run.stderr[-2000:]
-    message = run.stdout.strip()
+    [message] = [line for line in run.stderr.splitlines()
+                 if line.startswith("ray-executor worker: ")]
     other = subprocess.run([python, "-c", "import platform; print(platform.python_version())"],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert f"Python {platform.python_version()}" in message  # the cluster's (this env's)
