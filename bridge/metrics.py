@@ -1,13 +1,12 @@
 """Prometheus metrics of the bridge, served on ``/metrics`` with ``/healthz`` beside it.
 
 Queue depth per queue is read from Redis at scrape time: it is the metric the worker HPA
-scales on (``ray_executor_queue_depth{queue,state}``). ``ready``: messages no worker has
-fetched yet; ``delayed``: every message waiting for its time (retries, back-offs), those a
-worker already holds in memory included, as Dramatiq workers fetch delayed messages early;
-``dead_letter``. ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers'
-records (``actors.circuit``). Deliberation totals come from the shared Redis counters, so
-every bridge replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts
-what this replica accepted or refused.
+scales on (``ray_executor_queue_depth{queue,state}``; states ``ready``, ``delayed`` and
+``dead_letter`` as ``bridge.state.queue_depths`` reads them).
+``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' records
+(``actors.circuit``). Deliberation totals come from the shared Redis counters, so every bridge
+replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
+replica accepted or refused.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Dict, Iterator, Optional
 
 import redis
-from dramatiq.common import dq_name, xq_name
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -27,7 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from bridge.contract import Keys
 from bridge.logs import redact
 from bridge.settings import Settings
-from bridge.state import connect_sync, queue_key
+from bridge.state import connect_sync, queue_depths
 
 logger = logging.getLogger("ray_executor.metrics")
 
@@ -64,9 +62,7 @@ class QueueCollector:
             labels=["endpoint"])
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                pipe.llen(queue_key(queue))
-                pipe.hlen(queue_key(dq_name(queue)) + ".msgs")
-                pipe.zcard(queue_key(xq_name(queue)))
+                queue_depths(pipe, queue)
                 pipe.hgetall(self.keys.stats)
                 pipe.zcard(self.keys.active)
                 ready, delayed, dead, stats, active = pipe.execute()

@@ -106,6 +106,16 @@ def queue_key(queue: str) -> str:
     return f"{DRAMATIQ_NAMESPACE}:{queue}"
 
 
+def queue_depths(pipe: Any, queue: str) -> None:
+    """Queue on ``pipe`` (sync or asyncio) the three depth reads of ``queue``, in this order:
+    ready (messages no worker has fetched yet), delayed (every message waiting for its time,
+    those a worker already holds in memory included: Dramatiq workers fetch delayed messages
+    early, so the delay queue's list alone reads about 0), dead-lettered."""
+    pipe.llen(queue_key(queue))
+    pipe.hlen(queue_key(dq_name(queue)) + ".msgs")
+    pipe.zcard(queue_key(xq_name(queue)))
+
+
 # Pub/sub channel on which a submit announces the queue it pushed to: idle workers wait on it
 # instead of sleeping through Dramatiq's poll backoff (actors.broker).
 WAKE_CHANNEL = f"{DRAMATIQ_NAMESPACE}:enqueued"
@@ -235,12 +245,13 @@ class DeliberationStore:
         return jobs
 
     async def stats(self) -> Dict[str, int]:
-        """Deliberation counters and queue depths (``delayed`` as in ``bridge.metrics``)."""
-        queue = queue_key(self.settings.queue)
-        counters, active, ready, delayed, dead = await self.pipelined(lambda pipe: (
-            pipe.hgetall(self.keys.stats), pipe.zcard(self.keys.active), pipe.llen(queue),
-            pipe.hlen(queue_key(dq_name(self.settings.queue)) + ".msgs"),
-            pipe.zcard(queue_key(xq_name(self.settings.queue)))))
+        """Deliberation counters and queue depths (``queue_depths``)."""
+        def reads(pipe: Any) -> None:
+            pipe.hgetall(self.keys.stats)
+            pipe.zcard(self.keys.active)
+            queue_depths(pipe, self.settings.queue)
+
+        counters, active, ready, delayed, dead = await self.pipelined(reads)
         counts = {k: int(v) for k, v in counters.items()}
         counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
         return counts
