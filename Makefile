@@ -1,6 +1,8 @@
-# Two environments mirror the two sides (ARCHITECTURE.md):
-#   .venv-bridge  newest Python found, bridge + dev extras, never Ray
-#   .venv-worker  the Ray cluster's Python (3.9), worker + dev extras, Ray pinned
+# The environments mirror the roles (docs/architecture.md):
+#   .venv-bridge   newest Python found, bridge + dev extras, never Ray
+#   .venv-worker   the Ray cluster's Python (3.9), worker + dev extras, Ray pinned
+#   .venv-cluster  what the Ray image holds: Ray, then the cluster extra under a constraint of
+#                  Ray's own packages; the tests' Ray head runs from it
 # plus .venv-mismatch (another Python with the same Ray) for the version-mismatch test.
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
@@ -45,6 +47,18 @@ help:
 	$(WORKER)/pip install $(PIP_FLAGS) -e '.[worker,dev]'
 	touch $@
 
+# Ray first, as the Ray image has it; then the cluster extra, constrained to leave every package
+# Ray installed as it was (tests/bridge/test_environment.py compares the two freezes).
+.venv-cluster/.installed: $(DEPS)
+	@test -n "$(WORKER_PYTHON)" || { echo "need python3.9 (the Ray cluster's Python) for the cluster environment"; exit 1; }
+	rm -rf .venv-cluster
+	$(WORKER_PYTHON) -m venv .venv-cluster
+	.venv-cluster/bin/pip install $(PIP_FLAGS) "$$(grep -o 'ray\[client\]==[0-9.]*' pyproject.toml)"
+	.venv-cluster/bin/pip freeze --exclude-editable > .venv-cluster/ray-freeze.txt
+	.venv-cluster/bin/pip install $(PIP_FLAGS) -c .venv-cluster/ray-freeze.txt -e '.[cluster]'
+	.venv-cluster/bin/pip freeze --exclude-editable > .venv-cluster/cluster-freeze.txt
+	touch $@
+
 .venv-mismatch/.installed: pyproject.toml
 	@test -n "$(MISMATCH_PYTHON)" || { echo "need a Python other than 3.9 for the mismatch test"; exit 1; }
 	$(MISMATCH_PYTHON) -m venv .venv-mismatch
@@ -57,7 +71,8 @@ help:
 	$(TOOLS)/pip install $(PIP_FLAGS) $(TOOLS_PINS)
 	touch $@
 
-envs: .venv-bridge/.installed .venv-worker/.installed .venv-mismatch/.installed .venv-tools/.installed
+envs: .venv-bridge/.installed .venv-worker/.installed .venv-cluster/.installed .venv-mismatch/.installed \
+	.venv-tools/.installed
 
 up: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
@@ -70,10 +85,12 @@ lint: .venv-bridge/.installed .venv-worker/.installed
 # pytest exits 5 when it collects nothing; make treats any non-zero exit as failure.
 test-bridge: envs
 	RAY_EXECUTOR_TOOLS_BIN=$(CURDIR)/$(TOOLS) RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python \
+		RAY_EXECUTOR_CLUSTER_PYTHON=$(CURDIR)/.venv-cluster/bin/python \
 		$(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
 
 test-worker: envs
 	PATH=$(CURDIR)/$(BRIDGE):$$PATH RAY_EXECUTOR_MISMATCH_PYTHON=$(CURDIR)/.venv-mismatch/bin/python \
+		RAY_EXECUTOR_CLUSTER_PYTHON=$(CURDIR)/.venv-cluster/bin/python \
 		$(WORKER)/pytest tests/worker $(PYTEST_ARGS)
 
 test: lint test-worker test-bridge
@@ -82,4 +99,4 @@ bench: envs
 	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks
 
 clean:
-	rm -rf .venv-bridge .venv-worker .venv-mismatch .venv-tools build dist
+	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-mismatch .venv-tools build dist

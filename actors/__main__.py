@@ -14,8 +14,8 @@ import tempfile
 from typing import List, Optional
 
 from actors.connection import RayConnection, RayUnavailable, RayVersionMismatch
-from bridge import logs
-from bridge.settings import Settings
+from core import logs
+from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.worker")
 

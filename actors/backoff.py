@@ -13,21 +13,21 @@ from typing import Optional
 
 import dramatiq
 
+from core.errors import ClassifiedError
 
-class RetryJob(dramatiq.Retry):
+
+class RetryJob(dramatiq.Retry, ClassifiedError):
     """Retry this job after ``delay`` ms; ``error_type`` says why (for the circuit breaker)."""
 
     def __init__(self, message: str, *, delay: int, error_type: str) -> None:
-        super().__init__(message, delay=delay)
-        self.error_type = error_type
+        dramatiq.Retry.__init__(self, message, delay=delay)
+        ClassifiedError.__init__(self, message, error_type=error_type, retryable=True)
 
 
-class PermanentJobError(Exception):
+class PermanentJobError(ClassifiedError):
     """A job failed in a way retrying cannot fix."""
 
-    def __init__(self, message: str, *, error_type: str = "") -> None:
-        super().__init__(message)
-        self.error_type = error_type
+    retryable = False
 
 
 def delay_ms(retry: int, *, minimum: float, maximum: float,

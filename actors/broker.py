@@ -15,11 +15,8 @@ import time
 from typing import Any, Dict, List, Optional
 
 import dramatiq
-import redis
-from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.encoder import JSONEncoder
-from dramatiq.errors import ConnectionClosed
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -34,62 +31,11 @@ from dramatiq.middleware import (
 from actors.circuit import CircuitBreaker
 from actors.limits import ConcurrencyLimiter
 from actors.runtime import WorkerRuntime
-from bridge.settings import Settings
-from bridge.state import WAKE_CHANNEL
+from core.dramatiq_internals import PromptConsumer
+from core.keys import WAKE_CHANNEL
+from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.broker")
-
-
-class PromptConsumer(_RedisConsumer):
-    """Dramatiq's Redis consumer, prompter on two counts:
-
-    - while its prefetch is full, it waits for a worker thread to ack or nack instead of
-      sleeping through its backoff, so the freed place is refilled at once rather than up to
-      a poll later (with short jobs and a small prefetch, that pause was a large share of each
-      job's time);
-    - when a fetch finds nothing, it sleeps Dramatiq's backoff but wakes as soon as a submit
-      announces its queue (``wake``; ``WorkerBroker`` listens), so a job reaching an idle
-      worker starts at once instead of up to a poll later.
-    """
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self._room = threading.Event()
-        self._woken = threading.Event()
-
-    def wake(self) -> None:
-        self._woken.set()
-
-    def ack(self, message: Any) -> None:
-        try:
-            super().ack(message)
-        finally:
-            self._room.set()
-
-    def nack(self, message: Any) -> None:
-        try:
-            super().nack(message)
-        finally:
-            self._room.set()
-
-    def __next__(self) -> Any:
-        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
-            self._room.clear()
-            if self.outstanding_message_count >= self.prefetch:  # no ack since the check
-                self._room.wait(self.timeout / 1000)
-            return None  # the consumer thread moves due delayed messages, then asks again
-        if not self.message_cache:  # Dramatiq's fetch, with a sleep that a wake cuts short
-            self._woken.clear()  # before the fetch: a submit after it wakes the sleep below
-            try:
-                self.message_cache = self.broker.do_fetch(
-                    self.queue_name, self.prefetch - self.outstanding_message_count)
-            except redis.ConnectionError as exc:
-                raise ConnectionClosed(exc) from None
-            if not self.message_cache:
-                self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
-                self._woken.wait(backoff_ms / 1000)
-                return None
-        return super().__next__()  # takes the first cached message, as Dramatiq does
 
 
 class WorkerBroker(RedisBroker):

@@ -24,14 +24,14 @@ from dramatiq.middleware import SkipMessage
 from actors import metrics
 from actors.limits import endpoint_key
 from actors.runtime import WorkerRuntime
-from bridge.contract import Keys
-from bridge.logs import message_context, redact
-from bridge.settings import Settings
+from core.errors import SERVER_SIDE, ClassifiedError
+from core.keys import Keys
+from core.logs import message_context, redact
+from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.circuit")
 
 CLEAN_SECONDS = 1.0
-SERVER_SIDE = {"rate_limited", "unavailable", "server_error", "timeout", "connection"}
 
 _ALLOW = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 'clean' end
@@ -68,14 +68,14 @@ class CircuitBreaker(dramatiq.Middleware):
     def __init__(self, settings: Settings, runtime: WorkerRuntime) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.prefix = Keys(settings.key_prefix).circuits
+        self.keys = Keys(settings.key_prefix)
         # Messages that found failures recorded for their endpoint: only their success needs
         # to reset the count (a Redis round trip saved on every other job).
         self._dirty: Set[str] = set()
         self._clean_until: Dict[str, float] = {}  # endpoint -> monotonic time
 
     def _keys(self, endpoint: str) -> list:
-        return [f"{self.prefix}:{endpoint}", f"{self.prefix}:{endpoint}:probe"]
+        return [self.keys.circuit(endpoint), self.keys.circuit_probe(endpoint)]
 
     def _cooldown_ms(self, broker: dramatiq.Broker, message: Any) -> int:
         actor = broker.get_actor(message.actor_name)
@@ -111,7 +111,7 @@ class CircuitBreaker(dramatiq.Middleware):
         self._dirty.discard(message.message_id)
         endpoint = endpoint_key(message)
         keys = self._keys(endpoint)
-        error_type = getattr(exception, "error_type", "") if exception is not None else ""
+        error_type = exception.error_type if isinstance(exception, ClassifiedError) else ""
         if exception is None or error_type not in SERVER_SIDE:
             if exception is None and dirty:
                 self.runtime.redis(("DEL", *keys))  # a success closes the circuit

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 
-from bridge.logs import redact
+from core.logs import redact
 
 logger = logging.getLogger("ray_executor.ray")
 

@@ -1,10 +1,6 @@
-"""Job kinds: a Dramatiq actor whose body runs on the Ray cluster.
+"""The Dramatiq actor of each job kind (``cluster.kinds``): one attempt of one agent job.
 
-    @job_kind("vllm_agent", num_gpus=0)
-    async def vllm_agent(job: AgentJob) -> dict:
-        ...  # runs on the Ray cluster; returns the agent's result
-
-``job_kind`` registers an actor named after the kind on the agent-job queue. For each message
+``declare_actors`` declares an actor named after each kind on the agent-job queue. For each message
 the actor: asks the state whether to run (not when the deliberation was cancelled or the agent
 already finished), submits the job to this process's runner for the kind — one long-lived
 async Ray actor per kind and worker process, declared with the kind's Ray resources, so no
@@ -24,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Type, TypeVar
+from typing import Any, Callable, Dict, Optional, Type, TypeVar
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
@@ -33,15 +29,15 @@ from opentelemetry import propagate, trace
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
 from actors.limits import ConcurrencyLimiter
-from actors.runner import RayLost, RayRunners
 from actors.runtime import WorkerRuntime
-from bridge import contract
-from bridge.contract import AgentJob
+from cluster.kinds import KINDS, JobKind
+from core import contract
+from core.contract import AgentJob
+from core.errors import CANCELLED, RAY_UNAVAILABLE, classify
 
 logger = logging.getLogger("ray_executor.jobs")
 tracer = trace.get_tracer("ray_executor.jobs")
 
-JobFunction = Callable[[AgentJob], Awaitable[Dict[str, Any]]]
 # The job's own timeout cancels its Ray task; Dramatiq's TimeLimit is only a backstop past
 # the longest allowed timeout (24 h), since it cannot stop a thread blocked in a Ray call.
 TIME_LIMIT_BACKSTOP_MS = 25 * 3600 * 1000
@@ -50,51 +46,11 @@ TIME_LIMIT_BACKSTOP_MS = 25 * 3600 * 1000
 MAX_RAY_WAITS = 40
 
 
-@dataclasses.dataclass(frozen=True)
-class JobKind:
-    """A kind of job and the Ray resources its runner declares."""
-
-    name: str
-    function: JobFunction
-    ray_options: Dict[str, Any]
-
-
-KINDS: Dict[str, JobKind] = {}
-
-
-def job_kind(name: str, *, num_cpus: float = 0, num_gpus: float = 0,
-             accelerator_type: Optional[str] = None, resources: Optional[Dict[str, float]] = None,
-             runtime_env: Optional[Dict[str, Any]] = None, max_concurrency: int = 10_000,
-             ) -> Callable[[JobFunction], JobFunction]:
-    """Declare a job kind whose async function runs on the Ray cluster.
-
-    Parameters:
-      name: the actor name messages carry (``AgentJob.kind``).
-      num_cpus, num_gpus, accelerator_type, resources, runtime_env: Ray resources of the
-        kind's runner actor.
-      max_concurrency: jobs one runner holds in flight at once.
-    """
-    options: Dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus,
-                               "max_concurrency": max_concurrency}
-    if accelerator_type:
-        options["accelerator_type"] = accelerator_type
-    if resources:
-        options["resources"] = dict(resources)
-    if runtime_env:
-        options["runtime_env"] = dict(runtime_env)
-
-    def register(function: JobFunction) -> JobFunction:
-        KINDS[name] = JobKind(name, function, options)
-        return function
-
-    return register
-
-
 def declare_actors(broker: dramatiq.Broker) -> None:
     """Declare a Dramatiq actor for every registered kind on ``broker`` (the worker's).
 
-    Kept apart from ``job_kind`` so importing a kind's module (as Ray does on the cluster to
-    unpickle its function) declares nothing.
+    Kept apart from ``cluster.kinds.job_kind`` so importing a kind's module (as Ray does on
+    the cluster to unpickle its function) declares nothing.
     """
     runtime = _middleware(broker, WorkerRuntime)
     if runtime is None:
@@ -192,7 +148,7 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
     started = time.monotonic()
     try:
         try:
-            result = await RayRunners.of(runtime).run(
+            result = await runtime.runners.run(
                 kind, traced, is_cancelled=lambda: store.is_cancelled(job.deliberation_id))
         finally:
             release_slot()  # the vLLM call is over: the next job may start while this records
@@ -212,13 +168,14 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
 
 async def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int,
                   retry: int, started: float, log: Dict[str, Any]) -> None:
-    error_type = getattr(exc, "error_type", type(exc).__name__)
-    if error_type == "cancelled":
+    error = classify(exc)
+    error_type = error.error_type
+    if error_type == CANCELLED:
         logger.info("job cancelled with its deliberation", extra=log)
         return
-    retryable = bool(getattr(exc, "retryable", False))
+    retryable = error.retryable
     waits = int(log.get("ray_waits", 0))
-    if error_type == RayLost.error_type and waits < MAX_RAY_WAITS:
+    if error_type == RAY_UNAVAILABLE and waits < MAX_RAY_WAITS:
         settings = runtime.settings
         raise WaitForRay(str(exc), waits=waits, delay=backoff.delay_ms(
             waits, minimum=settings.backoff_min, maximum=settings.backoff_max))
@@ -226,7 +183,7 @@ async def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt
         settings = runtime.settings
         delay = backoff.delay_ms(retry, minimum=settings.backoff_min,
                                  maximum=settings.backoff_max,
-                                 retry_after=getattr(exc, "retry_after", None))
+                                 retry_after=error.retry_after)
         logger.warning("attempt %d failed (%s: %s); retry in %d ms", attempt, error_type, exc,
                        delay, extra=log)
         metrics.get().retries.labels(error_type).inc()

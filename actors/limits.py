@@ -21,8 +21,9 @@ from dramatiq.middleware import SkipMessage
 
 from actors import metrics
 from actors.runtime import WorkerRuntime
-from bridge.logs import message_context, redact
-from bridge.settings import Settings
+from core.keys import Keys
+from core.logs import message_context, redact
+from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.limits")
 
@@ -71,7 +72,7 @@ class ConcurrencyLimiter(dramatiq.Middleware):
     def __init__(self, settings: Settings, runtime: WorkerRuntime) -> None:
         self.settings = settings
         self.runtime = runtime
-        self.prefix = f"{settings.key_prefix}:limit"
+        self.keys = Keys(settings.key_prefix)
         self._held: Dict[str, Tuple[str, str]] = {}  # message id -> (slots key, member)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -90,8 +91,8 @@ class ConcurrencyLimiter(dramatiq.Middleware):
         rate = int(option("rate_limit", self.settings.vllm_rate_limit))
         window_ms = int(self.settings.vllm_rate_window * 1000)
         endpoint = endpoint_key(message)
-        slots = f"{self.prefix}:{endpoint}:slots"
-        window = f"{self.prefix}:{endpoint}:rate:{int(time.time() * 1000) // window_ms}"
+        slots = self.keys.limit_slots(endpoint)
+        window = self.keys.limit_window(endpoint, int(time.time() * 1000) // window_ms)
         now = int(time.time() * 1000)
         got = self.runtime.eval(_ACQUIRE, [slots, window],
                                 [now, limit, message.message_id, LEASE_MS, rate, window_ms])

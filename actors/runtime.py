@@ -18,14 +18,17 @@ from typing import Any, Coroutine, List, Optional, Tuple, TypeVar
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import dq_name
 
 from actors import metrics
 from actors.connection import RayConnection
-from bridge.contract import Subjects
-from bridge.outbox import Outbox, attach_nats
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, connect
+from actors.runners import RayRunners
+from cluster.kinds import KINDS
+from core import dramatiq_internals
+from core.connections import connect
+from core.contract import Subjects
+from core.outbox import Outbox, attach_nats
+from core.settings import Settings
+from core.store import DeliberationStore
 
 logger = logging.getLogger("ray_executor.runtime")
 T = TypeVar("T")
@@ -46,6 +49,7 @@ class WorkerRuntime(dramatiq.Middleware):
         self.store: Optional[DeliberationStore] = None
         self.outbox: Optional[Outbox] = None
         self.ray = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
+        self.runners = RayRunners(self.ray)
         self._stop = threading.Event()
         self._async_stop: Optional[asyncio.Event] = None
         self._threads: List[threading.Thread] = []
@@ -74,13 +78,9 @@ class WorkerRuntime(dramatiq.Middleware):
     def _warm_runners(self) -> None:
         """Create this process's runners before it takes any job, so no job holds a
         rate-limiter slot while a runner is being created (seconds on a busy cluster)."""
-        from actors.jobs import KINDS
-        from actors.runner import RayRunners
-
-        runners = RayRunners.of(self)
         for kind in KINDS.values():
             try:
-                runners.warm(kind)
+                self.runners.warm(kind)
             except Exception as exc:  # the first job of the kind tries again
                 logger.warning("runner for %s not created at boot: %s", kind.name, exc)
 
@@ -103,16 +103,16 @@ class WorkerRuntime(dramatiq.Middleware):
     def redis(self, *commands: Tuple[Any, ...]) -> List[Any]:
         """Run Redis commands (each ``(name, *args)``) from an actor thread on the process's
         one connection, batched with the other calls of the moment
-        (``DeliberationStore.batched``): hundreds of threads need no connection each."""
+        (``core.batching.Batcher``): hundreds of threads need no connection each."""
         assert self.store is not None, "the worker runtime has not booted"
-        return self.run(self.store.batched(*commands))
+        return self.run(self.store.batcher.batched(*commands))
 
     def redis_soon(self, *commands: Tuple[Any, ...], failed: str = "") -> None:
         """``redis`` without waiting for the reply, from an actor thread or the loop itself
         (where it is scheduled directly, without waking the loop through its self-pipe); a
         failure is logged with ``failed``."""
         assert self.loop is not None and self.store is not None, "the worker runtime has not booted"
-        batch = self.store.batched(*commands)
+        batch = self.store.batcher.batched(*commands)
         future: Any
         if _running_loop() is self.loop:
             future = asyncio.ensure_future(batch)
@@ -128,7 +128,7 @@ class WorkerRuntime(dramatiq.Middleware):
     def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
         """``redis`` for a Lua script."""
         assert self.store is not None, "the worker runtime has not booted"
-        return self.run(self.store.eval(source, keys, args))
+        return self.run(self.store.batcher.eval(source, keys, args))
 
     # --- threads ---
 
@@ -154,22 +154,16 @@ class WorkerRuntime(dramatiq.Middleware):
         await redis.close()
 
     def _heartbeat(self, broker: RedisBroker) -> None:
-        """Keep this process's broker heartbeat fresh and requeue dead workers' messages.
-
-        Dramatiq refreshes a worker's heartbeat only when it fetches or acks, so a process
-        whose prefetch is full of long jobs looks dead after ``heartbeat_timeout``; and it
-        requeues a dead worker's messages only on 0.1% of its calls. Calling the dispatch
-        script with an unknown command and maintenance on does both, every few seconds.
-        """
-        dispatch = broker.scripts["dispatch"]
-        queues = [self.settings.queue, dq_name(self.settings.queue)]
+        """Keep this process's broker heartbeat fresh and requeue dead workers' messages,
+        every few seconds (``core.dramatiq_internals.heartbeat``): Dramatiq refreshes a
+        heartbeat only on a fetch or an ack, so a process whose prefetch is full of long jobs
+        would look dead after ``heartbeat_timeout``."""
+        queues = [self.settings.queue, dramatiq_internals.delay_queue(self.settings.queue)]
         while not self._stop.wait(self.heartbeat_interval):
             metrics.get().ray_connected.set(1 if self.ray.connected else 0)
             for queue in queues:
                 try:
-                    dispatch(keys=[broker.namespace], args=[
-                        "heartbeat", int(time.time() * 1000), queue, broker.broker_id,
-                        broker.heartbeat_timeout, broker.dead_message_ttl, "1", 1000])
+                    dramatiq_internals.heartbeat(broker, queue, int(time.time() * 1000))
                 except Exception as exc:  # Redis down: the next beat tries again
                     logger.warning("broker heartbeat failed: %s", exc)
                     break

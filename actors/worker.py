@@ -8,16 +8,16 @@ import importlib
 import dramatiq
 
 from actors.broker import make_broker
-from bridge import logs
-from bridge.settings import Settings
+from core import logs
+from core.settings import Settings
 
 settings = Settings.from_env()
 logs.configure(settings.log_level, settings.log_format)
 broker = make_broker(settings)
 dramatiq.set_broker(broker)
 
-from actors import agents  # noqa: E402,F401  (registers the built-in job kinds)
 from actors.jobs import declare_actors  # noqa: E402
+from cluster import agents  # noqa: E402,F401  (registers the built-in job kinds)
 
 for module in settings.job_modules:
     importlib.import_module(module)

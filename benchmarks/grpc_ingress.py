@@ -9,7 +9,7 @@ from typing import Any
 
 from benchmarks.harness import CpuMeter, Stack
 from benchmarks.report import row
-from bridge import servers
+from harness import servers
 
 NAME = "grpc"
 TITLE = "1. gRPC ingress"

@@ -26,10 +26,10 @@ from typing import Any
 import nats
 from redis.asyncio import Redis
 
-from bridge import servers
-from bridge.contract import AgentJob
-from bridge.settings import Settings
-from bridge.state import DeliberationStore
+from core.contract import AgentJob
+from core.settings import Settings
+from core.store import DeliberationStore
+from harness import servers
 
 ROOT = Path(__file__).resolve().parent.parent
 BRIDGE_CLI = str(Path(sys.executable).parent / "ray-executor")
@@ -164,7 +164,7 @@ class Stack:
 
     def standin(self, latency: float) -> Standin:
         port = servers.free_port()
-        proc = self.start("standin", [sys.executable, "-m", "bridge.standin_llm", "--port",
+        proc = self.start("standin", [sys.executable, "-m", "harness.standin_llm", "--port",
                                       str(port), "--latency", str(latency),
                                       "--model", "standin-model", "--log-level", "WARNING"],
                           dict(os.environ))
@@ -372,7 +372,7 @@ class RssSampler:
 
 GROUPS = (("workers", ("dramatiq", "-m actors")), ("bridge", ("ray-executor bridge",)),
           ("echo-server", ("benchmarks.echo_server",)), ("grpc-client", ("benchmarks.grpc_load",)),
-          ("standin", ("bridge.standin_llm",)), ("ray-direct", ("benchmarks.ray_direct",)),
+          ("standin", ("harness.standin_llm",)), ("ray-direct", ("benchmarks.ray_direct",)),
           ("bench-client", ("benchmarks",)), ("valkey", ("valkey-server",)),
           ("nats", ("nats-server",)), ("ray", ("ray", "raylet", "gcs_server")))
 

@@ -78,7 +78,7 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
                  "Ray options) is declared with `max_concurrency=10000` (`actors/jobs.py`, "
                  "`job_kind`), so every N here can be in flight at once. Ours hands the "
                  "runner the jobs of a moment in one call and collects outcomes with one "
-                 "long poll (`actors/runner.py`); the baseline makes one call per job.")
+                 "long poll (`actors/runners.py`); the baseline makes one call per job.")
     return {
         "what": "N single-agent deliberations written straight to the state and queue "
                 "(`DeliberationStore.submit`, 256 at a time) for one worker process with N "

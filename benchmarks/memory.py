@@ -17,7 +17,7 @@ from benchmarks.harness import (
     worker_processes,
 )
 from benchmarks.report import row
-from bridge import servers
+from harness import servers
 
 NAME = "memory"
 TITLE = "5. Memory"

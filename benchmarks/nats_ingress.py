@@ -15,8 +15,8 @@ from dramatiq.brokers.redis import RedisBroker
 
 from benchmarks.harness import Bridge, CpuMeter, Stack, agent_job, tag
 from benchmarks.report import row
-from bridge import servers
-from bridge.state import queue_key
+from core.dramatiq_internals import messages_key
+from harness import servers
 
 NAME = "nats"
 TITLE = "2. NATS ingress"
@@ -36,7 +36,7 @@ def payload() -> bytes:
 
 
 def enqueued(client: redis.Redis, queue: str) -> int:
-    return int(client.hlen(queue_key(queue) + ".msgs"))
+    return int(client.hlen(messages_key(queue)))
 
 
 async def ours(nats_url: str, redis_url: str, queue: str, count: int) -> dict[str, Any]:

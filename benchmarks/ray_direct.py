@@ -25,9 +25,9 @@ from typing import Any, Dict, List
 
 import ray
 
-from actors import agents  # noqa: F401  (registers the vllm_agent kind)
-from actors.jobs import KINDS
-from bridge.contract import VLLM_AGENT, AgentJob
+from cluster import agents  # noqa: F401  (registers the vllm_agent kind)
+from cluster.kinds import KINDS
+from core.contract import VLLM_AGENT, AgentJob
 
 
 class DirectRunner:

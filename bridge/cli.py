@@ -17,8 +17,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Awaitable, Callable, Dict, List, Optional
 
-from bridge import logs
-from bridge.settings import Settings, SettingsError
+from core import logs
+from core.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from bridge.client import RayExecutorClient
@@ -44,7 +44,7 @@ def _dashboard_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _up_command(args: argparse.Namespace, settings: Settings) -> int:
-    from bridge.embedded import up
+    from harness.up import up
 
     return up(settings, args.worker_python or sys.executable, Path(args.data_dir))
 

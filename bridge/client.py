@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence, Tu
 
 import grpc
 
-from bridge import contract
+from core import contract
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 

@@ -44,8 +44,8 @@ from dramatiq_dashboard.interface import RedisInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from bridge.settings import PREFIX, Settings, SettingsError
-from bridge.state import DRAMATIQ_NAMESPACE
+from core.dramatiq_internals import NAMESPACE as DRAMATIQ_NAMESPACE
+from core.settings import PREFIX, Settings, SettingsError
 
 logger = logging.getLogger("ray_executor.dashboard")
 

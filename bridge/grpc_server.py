@@ -1,6 +1,6 @@
 """The gRPC ingress: ``ray_executor.v1.RayExecutorService`` on ``grpc.aio``.
 
-Serves the contract the Orchestrator already calls (ARCHITECTURE.md), plus
+Serves the contract the Orchestrator already calls (docs/architecture.md), plus
 ``CancelDeliberation`` and ``WatchDeliberation``, standard health checking and reflection.
 Optional TLS (mTLS with a client CA) and bearer-token auth come from settings.
 """
@@ -19,11 +19,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bridge import contract
 from bridge.ingress import Ingress
-from bridge.settings import Settings
-from bridge.state import StateUnavailable
 from bridge.validation import InvalidRequest
+from core import contract
+from core.errors import StateUnavailable
+from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 

@@ -11,11 +11,13 @@ import logging
 import time
 from typing import Any, Awaitable, Dict, List, Optional, Sequence, Set, Tuple
 
-from bridge import contract, validation
+from bridge import validation
 from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
-from bridge.outbox import Outbox
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, StateUnavailable, Submission, new_deliberation_id
+from core import contract
+from core.errors import StateUnavailable
+from core.outbox import Outbox
+from core.settings import Settings
+from core.store import DeliberationStore, Submission, new_deliberation_id
 from ray_executor.v1 import ray_executor_pb2 as pb
 
 logger = logging.getLogger("ray_executor.ingress")

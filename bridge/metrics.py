@@ -2,7 +2,7 @@
 
 Queue depth per queue is read from Redis at scrape time: it is the metric the worker HPA
 scales on (``ray_executor_queue_depth{queue,state}``; states ``ready``, ``delayed`` and
-``dead_letter`` as ``bridge.state.queue_depths`` reads them).
+``dead_letter`` as ``core.dramatiq_internals.queue_depths`` reads them).
 ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' records
 (``actors.circuit``). Deliberation totals come from the shared Redis counters, so every bridge
 replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
@@ -22,10 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bridge.contract import Keys
-from bridge.logs import redact
-from bridge.settings import Settings
-from bridge.state import connect_sync, queue_depths
+from core.connections import connect_sync
+from core.dramatiq_internals import queue_depths
+from core.keys import Keys
+from core.logs import redact
+from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.metrics")
 

@@ -45,13 +45,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from bridge import contract
-from bridge.contract import Subjects
 from bridge.ingress import Ingress
 from bridge.request_json import parse_request
-from bridge.settings import Settings
-from bridge.state import StateUnavailable
 from bridge.validation import InvalidRequest
+from core import contract
+from core.contract import Subjects
+from core.errors import StateUnavailable
+from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 
 logger = logging.getLogger("ray_executor.nats_ingress")

@@ -11,14 +11,15 @@ import asyncio
 import logging
 from typing import Callable, List, Optional
 
-from bridge.contract import Subjects
 from bridge.grpc_server import build_server, mark_serving
 from bridge.ingress import Ingress
 from bridge.metrics import serve as serve_metrics
 from bridge.nats_ingress import NatsIngress
-from bridge.outbox import Outbox, attach_nats
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, connect
+from core.connections import connect
+from core.contract import Subjects
+from core.outbox import Outbox, attach_nats
+from core.settings import Settings
+from core.store import DeliberationStore
 
 logger = logging.getLogger("ray_executor.bridge")
 

@@ -14,8 +14,8 @@ import unicodedata
 from typing import Any, Dict, FrozenSet, List, Tuple
 from urllib.parse import urlparse
 
-from bridge.contract import AgentJob
-from bridge.settings import Settings
+from core.contract import AgentJob
+from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 
 MAX_ID_CHARS = 256

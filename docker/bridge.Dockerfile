@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The ingress side of ray-executor: `ray-executor bridge` (gRPC on 50056, NATS ingress,
 # /metrics + /healthz on 9464), `ray-executor dashboard` (8181) and the stand-in LLM
-# (`python -m bridge.standin_llm`). No Ray here: the bridge never imports it.
+# (`python -m harness.standin_llm`). No Ray here: the bridge never imports it.
 #
 #   docker build -f docker/bridge.Dockerfile -t ray-executor-bridge:0.1.0 .
 #
@@ -18,6 +18,9 @@ COPY pyproject.toml hatch_build.py README.md ./
 COPY protos/ protos/
 COPY bridge/ bridge/
 COPY actors/ actors/
+COPY core/ core/
+COPY cluster/ cluster/
+COPY harness/ harness/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 # --- runtime: the wheel with the `bridge` extra, nothing else.

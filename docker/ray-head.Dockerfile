@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # A Ray node image (head or worker) that can run ray-executor's job code. The runner actors
-# unpickle functions from `actors.*` on the cluster, so the package must be importable there.
+# unpickle `cluster.*` (the runner, the job kinds, the vLLM client) on the cluster, so the
+# package is installed there with its `cluster` extra only: aiohttp and opentelemetry-api
+# beside Ray's own packages; Ray's grpcio and protobuf are left as Ray installed them.
 # Build it with the same RAY_VERSION/PYTHON_VERSION as the worker image:
 #   docker build -f docker/ray-head.Dockerfile \
 #     --build-arg RAY_VERSION=2.49.2 --build-arg RAY_PYTHON_TAG=py39 \
@@ -23,16 +25,17 @@ COPY pyproject.toml hatch_build.py README.md ./
 COPY protos/ protos/
 COPY bridge/ bridge/
 COPY actors/ actors/
+COPY core/ core/
+COPY cluster/ cluster/
+COPY harness/ harness/
 RUN pip wheel --no-deps --wheel-dir /wheels .
 
 FROM rayproject/ray:${RAY_VERSION}-${RAY_PYTHON_TAG}
-ARG RAY_VERSION=2.49.2
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # The image runs as its own non-root user `ray` (UID 1000). Ray is already there at
-# RAY_VERSION; pinning it again keeps pip from moving it.
+# RAY_VERSION, and the `cluster` extra asks for nothing Ray pins.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/ray_executor-*.whl)[bridge]" "ray[client]==${RAY_VERSION}" \
-        "aiohttp>=3.9,<4"
+    pip install "$(ls /wheels/ray_executor-*.whl)[cluster]"
 USER 1000
 # GCS, Ray client server, dashboard.
 EXPOSE 6379 10001 8265

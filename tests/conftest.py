@@ -1,9 +1,10 @@
 """Real servers for the tests: valkey, nats-server with JetStream, a Ray head.
 
 Each starts on a free loopback port for the session, unless ``REDIS_URL``, ``NATS_URL`` or
-``RAY_ADDRESS`` names an external one. The Ray head comes from the worker environment (the
-cluster's Python and Ray): from this interpreter when it has Ray, else from
-``RAY_EXECUTOR_WORKER_PYTHON``. Python 3.9 compatible: the worker environment runs it too.
+``RAY_ADDRESS`` names an external one. The Ray head comes from the cluster environment
+(``RAY_EXECUTOR_CLUSTER_PYTHON``: Ray and the ``[cluster]`` extra only, as the Ray image), so
+every job the tests run proves the cluster code needs nothing more. Python 3.9 compatible: the
+worker environment runs it too.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-from bridge import servers
+from harness import servers
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -67,9 +68,18 @@ def nats_url(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("nats_server").url)
 
 
+def cluster_python() -> str:
+    """The cluster environment's interpreter (Ray and the cluster extra, nothing else)."""
+    configured = os.environ.get("RAY_EXECUTOR_CLUSTER_PYTHON")
+    if not configured:
+        pytest.fail("RAY_EXECUTOR_CLUSTER_PYTHON must name the cluster environment's python "
+                    "(make sets it: .venv-cluster/bin/python)")
+    return configured
+
+
 @pytest.fixture(scope="session")
 def ray_head(workdir: Path) -> Iterator[servers.Server]:
-    ray_binary = str(Path(worker_python()).parent / "ray")
+    ray_binary = str(Path(cluster_python()).parent / "ray")
     server = servers.ray_head(_mk(workdir / "ray"), ray_binary)
     yield server.start(timeout=120)
     server.stop()

@@ -12,8 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Dict, Mapping, Optional
 
-from bridge.servers import free_port
-from bridge.settings import Settings
+from core.settings import Settings
+from harness.servers import free_port
 from tests.conftest import worker_python
 
 # The test-only job kind (tests/worker/kinds.py) for RAY_EXECUTOR_JOB_MODULES.

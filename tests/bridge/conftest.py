@@ -16,7 +16,7 @@ import grpc
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
-from bridge import servers
+from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 

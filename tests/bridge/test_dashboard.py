@@ -33,9 +33,10 @@ import redis
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.middleware import Prometheus, default_middleware
 
-from bridge import dashboard, servers
+from bridge import dashboard
 from bridge.dashboard import DashboardConfigError, check_credentials
-from bridge.settings import Settings
+from core.settings import Settings
+from harness import servers
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 from tests.conftest import ARTIFACTS
 
@@ -143,7 +144,7 @@ def test_refuses_to_start_without_credentials_unless_on_loopback() -> None:
 
 
 def run_main(env: Dict[str, str]) -> subprocess.Popen:
-    code = ("import sys; from bridge import dashboard; from bridge.settings import Settings; "
+    code = ("import sys; from bridge import dashboard; from core.settings import Settings; "
             "sys.exit(dashboard.main(Settings.from_env()))")
     return subprocess.Popen([sys.executable, "-c", code], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

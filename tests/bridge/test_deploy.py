@@ -10,7 +10,7 @@ No Docker engine or cluster runs here, so the files are checked as files:
   ``check-jsonschema`` vendors as ``vendor.compose-spec``);
 * ``checkov`` finds nothing in the rendered manifests and the Dockerfiles, and every check it
   was told to skip carries a reason;
-* drift: every variable set in compose/ and k8s/ is a setting of ``bridge.settings`` (or a
+* drift: every variable set in compose/ and k8s/ is a setting of ``core.settings`` (or a
   documented non-setting), parses, the required ones are set for each part, and ports,
   commands, images and drain times agree with the code;
 * the commands written into the files (stream init, health checks) are run for real against
@@ -40,8 +40,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import pytest
 import tomllib
 
-from bridge import cli, servers
-from bridge.settings import Settings, SettingsError, documented
+from bridge import cli
+from core.settings import Settings, SettingsError, documented
+from harness import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
@@ -318,7 +319,7 @@ def k8s_env(docs: List[Doc], container: Doc, secrets: Dict[str, str]
 def check_environment(where: str, component: str, env: Dict[str, str]) -> List[str]:
     """Every variable is a setting (or a documented non-setting), the values parse, the
     required ones are set."""
-    problems = [f"{where}: {name} is not a setting of bridge.settings"
+    problems = [f"{where}: {name} is not a setting of core.settings"
                 for name in sorted(env) if name not in SETTINGS and name not in NON_SETTINGS]
     try:
         settings = Settings.from_env({k: v for k, v in env.items() if k in SETTINGS})
@@ -740,9 +741,12 @@ def test_images_match_the_cluster_and_the_package() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     worker_extra = pyproject["project"]["optional-dependencies"]["worker"]
     (ray_pin,) = [r for r in worker_extra if r.startswith("ray[client]==")]
-    others = [r for r in worker_extra if not r.startswith(("ray[client]", "ray-executor["))]
     ray_version = ray_pin.split("==")[1]
-    for name in ("bridge.Dockerfile", "worker.Dockerfile", "ray-head.Dockerfile"):
+    # Each image installs its role's extra: the Ray image only the cluster code's, so Ray's own
+    # grpcio and protobuf stay as Ray installed them.
+    extras = {"bridge.Dockerfile": "[bridge]", "worker.Dockerfile": "[worker]",
+              "ray-head.Dockerfile": "[cluster]"}
+    for name, extra in extras.items():
         info = dockerfile(name)
         stages = info["stages"]
         assert len(stages) == 2, f"{name}: a builder stage and a runtime stage"
@@ -755,13 +759,13 @@ def test_images_match_the_cluster_and_the_package() -> None:
         install = " ".join(final["run"])
         for tool in ("pip wheel", "apt-get", "gcc", "build-essential", "grpcio-tools"):
             assert tool not in install, f"{name}: {tool} in the final stage"
-        assert "[bridge]" in install and final["user"] in ("1000", "1000:1000"), name
+        assert f'.whl){extra}"' in install and final["user"] in ("1000", "1000:1000"), name
+        assert [e for e in extras.values() if e in install] == [extra], name
         assert "--mount=type=bind,from=builder" in install, name
         if name != "bridge.Dockerfile":
             assert info["args"]["RAY_VERSION"] == ray_version, name
+        if name == "worker.Dockerfile":
             assert '"ray[client]==${RAY_VERSION}"' in install, name
-            for requirement in others:
-                assert f'"{requirement}"' in install, f"{name} lacks {requirement}"
         if name != "ray-head.Dockerfile":
             assert final["entrypoint"] == ["ray-executor"], name
             assert final["cmd"][0] in cli_commands(), name
@@ -910,12 +914,12 @@ def test_bridge_health_check_command_asks_grpc_health(
 
 def test_standin_llm_service_command_serves(compose: Doc) -> None:
     service = compose["services"]["standin-llm"]
-    assert service["entrypoint"] == ["python", "-m", "bridge.standin_llm"]
+    assert service["entrypoint"] == ["python", "-m", "harness.standin_llm"]
     args = [interpolate(arg) for arg in service["command"]]
     port = servers.free_port()
     args[args.index("--host") + 1] = "127.0.0.1"
     args[args.index("--port") + 1] = str(port)
-    process = subprocess.Popen([sys.executable, "-m", "bridge.standin_llm", *args],
+    process = subprocess.Popen([sys.executable, "-m", "harness.standin_llm", *args],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         servers.wait_for_port(port, 20, process)

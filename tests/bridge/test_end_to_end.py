@@ -13,8 +13,8 @@ import nats
 import pytest
 
 from bridge.client import RayExecutorClient
-from bridge.servers import free_port
-from bridge.standin_llm import run_in_thread
+from harness.servers import free_port
+from harness.standin_llm import run_in_thread
 from tests.bridge.conftest import BridgeProcess
 from tests.workers import WorkerGroup
 

@@ -1,4 +1,6 @@
-"""The bridge environment: no Ray, every bridge module imports, generated code from a wheel."""
+"""The environments: the bridge's has no Ray and imports every ingress, core and harness
+module; the cluster's (what the Ray image holds) is Ray's own packages plus the cluster extra
+and imports every cluster module; generated code comes from a wheel."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from pathlib import Path
 import pytest
 
 import bridge
+import core
+import harness
+from tests.conftest import cluster_python
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,12 +27,52 @@ def test_ray_is_not_installed_here() -> None:
         importlib.import_module("ray")
 
 
-def test_every_bridge_module_imports_without_ray() -> None:
-    names = [m.name for m in pkgutil.walk_packages(bridge.__path__, "bridge.")]
-    assert "bridge.settings" in names and "bridge.contract" in names
+def test_every_bridge_core_and_harness_module_imports_without_ray() -> None:
+    names = [m.name for package in (bridge, core, harness)
+             for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+    assert {"bridge.grpc_server", "core.settings", "core.store", "harness.up"} <= set(names)
     for name in names:
         importlib.import_module(name)
     assert "ray" not in sys.modules
+
+
+def freeze(name: str) -> dict:
+    lines = (Path(cluster_python()).parents[1] / name).read_text().split()
+    return dict(line.split("==", 1) for line in lines if "==" in line)
+
+
+def test_the_cluster_extra_leaves_rays_packages_as_ray_installed_them() -> None:
+    ray_only, with_extra = freeze("ray-freeze.txt"), freeze("cluster-freeze.txt")
+    assert {"ray", "grpcio", "protobuf"} <= set(ray_only)
+    assert {name: with_extra.get(name) for name in ray_only} == ray_only, \
+        "installing the cluster extra changed a package Ray installed"
+    added = {name.lower().replace("_", "-") for name in set(with_extra) - set(ray_only)}
+    assert {"aiohttp", "opentelemetry-api"} <= added
+    assert not added & {"dramatiq", "redis", "nats-py", "hiredis", "grpcio-health-checking",
+                        "dramatiq-dashboard", "prometheus-client"}, added
+
+
+def test_every_cluster_module_imports_in_the_cluster_environment() -> None:
+    """The modules Ray unpickles on the cluster import with Ray and the cluster extra alone,
+    and load no Dramatiq, Redis, NATS or worker code doing it."""
+    code = (
+        "import importlib, pkgutil, sys, cluster\n"
+        "names = [m.name for m in pkgutil.walk_packages(cluster.__path__, 'cluster.')]\n"
+        "for name in names: importlib.import_module(name)\n"
+        "from cluster.runner import _classified\n"
+        "assert type(_classified(ValueError('x'))).__name__ == 'JobError'\n"
+        "loaded = {m.split('.')[0] for m in sys.modules}\n"
+        "print(sorted(names))\n"
+        "print(sorted(loaded & {'dramatiq', 'redis', 'nats', 'actors', 'bridge', 'grpc_health',"
+        " 'dramatiq_dashboard', 'prometheus_client'}))\n"
+        "import ray; print(ray.__version__, sys.version_info[:2])\n"
+    )
+    out = subprocess.run([cluster_python(), "-c", code], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout.splitlines()
+    assert "cluster.runner" in out[0] and "cluster.vllm" in out[0]
+    assert out[1] == "[]", f"cluster code loaded {out[1]}"
+    ray_version = freeze("ray-freeze.txt")["ray"]
+    assert out[2] == f"{ray_version} (3, 9)"
 
 
 def test_generated_protobuf_imports_from_an_installed_wheel(tmp_path: Path) -> None:
@@ -49,7 +94,7 @@ def test_generated_protobuf_imports_from_an_installed_wheel(tmp_path: Path) -> N
     # grpcio and protobuf come from this environment's site-packages, the package from the wheel.
     code = (
         "from ray_executor.v1 import ray_executor_pb2 as pb, ray_executor_pb2_grpc as rpc;"
-        "import bridge.contract;"
+        "import core.contract;"
         "r = pb.ExecuteDeliberationRequest(task_id='t', agents=[pb.Agent(id='a')]);"
         "assert pb.ExecuteDeliberationRequest.FromString(r.SerializeToString()) == r;"
         "assert rpc.RayExecutorServiceStub;"

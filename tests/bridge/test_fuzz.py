@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.request_json import parse_request
-from bridge.settings import Settings
 from bridge.validation import InvalidRequest
+from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess
 from tests.bridge.test_grpc_api import queued

@@ -16,8 +16,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bridge import servers
 from bridge.client import RayExecutorClient
+from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 from tests.bridge.conftest import make_pki, request

@@ -12,7 +12,7 @@ import grpc
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
-from bridge.logs import redact
+from core.logs import redact
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 

@@ -26,12 +26,13 @@ from google.protobuf import json_format
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from bridge import nats_ingress, servers
-from bridge.contract import Subjects
+from bridge import nats_ingress
 from bridge.nats_ingress import NatsIngress
-from bridge.outbox import ensure_streams
-from bridge.settings import Settings
-from bridge.state import StateUnavailable
+from core.contract import Subjects
+from core.errors import StateUnavailable
+from core.outbox import ensure_streams
+from core.settings import Settings
+from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request
 from tests.bridge.test_grpc_api import queued

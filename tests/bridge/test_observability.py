@@ -20,8 +20,9 @@ from typing import Any, Dict, Iterator, List
 import grpc
 import pytest
 
-from bridge import logs, servers
 from bridge.client import RayExecutorClient
+from core import logs
+from harness import servers
 from tests.bridge import test_end_to_end as e2e
 
 # The worker group, the stand-in LLM and the NATS reader of the end-to-end test.

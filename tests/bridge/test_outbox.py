@@ -9,11 +9,12 @@ from typing import Any, Awaitable, Callable, List
 
 import nats
 
-from bridge import contract
-from bridge.contract import Subjects
-from bridge.outbox import Outbox, ensure_streams
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, connect
+from core import contract
+from core.connections import connect
+from core.contract import Subjects
+from core.outbox import Outbox, ensure_streams
+from core.settings import Settings
+from core.store import DeliberationStore
 from tests.bridge.test_state import submit
 
 

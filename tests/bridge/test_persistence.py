@@ -13,7 +13,7 @@ import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
-from bridge import servers
+from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import request
 

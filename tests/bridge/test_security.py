@@ -14,7 +14,7 @@ import nats
 import pytest
 import redis
 
-from bridge import servers
+from harness import servers
 from tests.bridge.conftest import make_pki, request
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.settings import Settings, SettingsError, documented
+from core.settings import Settings, SettingsError, documented
 
 ROOT = Path(__file__).resolve().parents[2]
 

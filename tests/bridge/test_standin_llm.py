@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
-from bridge.standin_behaviour import MARKER
-from bridge.standin_llm import ControlError, StandinThread, run_in_thread
+from harness.standin_behaviour import MARKER
+from harness.standin_llm import ControlError, StandinThread, run_in_thread
 
 ROOT = Path(__file__).resolve().parents[2]
 CHAT = {"model": "qwen-test", "messages": [
@@ -261,7 +261,7 @@ def test_keep_alive_and_pipelining(llm: StandinThread) -> None:
 
 def test_command_line() -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "bridge.standin_llm", "--port", "0", "--status", "500",
+        [sys.executable, "-m", "harness.standin_llm", "--port", "0", "--status", "500",
          "--fail-count", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

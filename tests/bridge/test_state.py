@@ -11,10 +11,13 @@ from typing import Any, Awaitable, Callable, Dict, List, Tuple
 
 import redis.exceptions
 
-from bridge import servers
-from bridge.contract import AgentJob
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, StateUnavailable, connect, queue_key
+from core.connections import connect
+from core.contract import AgentJob
+from core.dramatiq_internals import queue_key
+from core.errors import StateUnavailable
+from core.settings import Settings
+from core.store import DeliberationStore
+from harness import servers
 
 
 def job(deliberation_id: str) -> AgentJob:
@@ -53,13 +56,13 @@ def test_concurrent_calls_share_pipelines(redis_url: str) -> None:
     pipelines: List[int] = []
 
     async def scenario(store: DeliberationStore) -> Any:
-        pipelined = store.pipelined
+        pipelined = store.batcher.pipelined
 
         async def counted(*args: Any, **kwargs: Any) -> Any:
             pipelines.append(1)
             return await pipelined(*args, **kwargs)
 
-        store.pipelined = counted  # type: ignore[method-assign]
+        store.batcher.pipelined = counted  # type: ignore[method-assign]
         results = await asyncio.gather(*(submit(store) for _ in range(100)))
         queued = await store.redis.llen(queue_key(store.settings.queue))
         return results, queued
@@ -74,7 +77,7 @@ def test_a_failing_command_fails_only_its_caller(redis_url: str) -> None:
     async def scenario(store: DeliberationStore) -> Any:
         await store.redis.rpush(f"{store.keys.prefix}:a-list", "x")
         return await asyncio.gather(
-            submit(store), store.batched(("HSET", f"{store.keys.prefix}:a-list", "f", "v")),
+            submit(store), store.batcher.batched(("HSET", f"{store.keys.prefix}:a-list", "f", "v")),
             submit(store), return_exceptions=True)
 
     first, wrong, second = run(redis_url, scenario)
@@ -95,7 +98,7 @@ def test_unreachable_redis_fails_every_caller_with_state_unavailable() -> None:
     url = f"redis://127.0.0.1:{servers.free_port()}/0"  # nothing listens there
 
     async def scenario(store: DeliberationStore) -> Any:
-        return await asyncio.gather(submit(store), store.batched(("GET", "x")),
+        return await asyncio.gather(submit(store), store.batcher.batched(("GET", "x")),
                                     return_exceptions=True)
 
     for outcome in run(url, scenario):

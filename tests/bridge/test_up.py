@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge import servers
+from harness import servers
 from tests.conftest import worker_python
 
 CLI = str(Path(sys.executable).parent / "ray-executor")

@@ -7,8 +7,8 @@ import os
 import threading
 from typing import Any, Dict
 
-from actors.jobs import job_kind
-from bridge.contract import AgentJob
+from cluster.kinds import job_kind
+from core.contract import AgentJob
 
 
 class Unpicklable(Exception):

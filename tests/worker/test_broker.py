@@ -13,9 +13,10 @@ import dramatiq
 
 from actors.__main__ import queue_prefetch
 from actors.broker import WorkerBroker
-from bridge.contract import AgentJob
-from bridge.settings import Settings
-from bridge.state import DeliberationStore, connect, new_deliberation_id
+from core.connections import connect
+from core.contract import AgentJob
+from core.settings import Settings
+from core.store import DeliberationStore, new_deliberation_id
 
 
 def test_prefetch_is_the_process_share_of_the_vllm_limit() -> None:

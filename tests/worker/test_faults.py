@@ -12,9 +12,9 @@ from typing import Dict, List, Tuple
 import pytest
 from redis.asyncio import Redis
 
-from bridge import servers
-from bridge.settings import Settings
-from bridge.state import DeliberationStore
+from core.settings import Settings
+from core.store import DeliberationStore
+from harness import servers
 from tests.conftest import worker_python
 from tests.worker.test_job_kinds import jobs, published
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings

@@ -17,9 +17,9 @@ from typing import Any, Dict, Iterator, List, Tuple
 import pytest
 from redis.asyncio import Redis
 
-from bridge.contract import AgentJob
-from bridge.settings import Settings
-from bridge.state import DeliberationStore
+from core.contract import AgentJob
+from core.settings import Settings
+from core.store import DeliberationStore
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env

@@ -18,10 +18,10 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
-from bridge.contract import AgentJob
-from bridge.settings import Settings
-from bridge.standin_llm import run_in_thread
-from bridge.state import DeliberationStore
+from core.contract import AgentJob
+from core.settings import Settings
+from core.store import DeliberationStore
+from harness.standin_llm import run_in_thread
 from tests.worker.test_job_kinds import published
 from tests.workers import WorkerGroup, worker_settings
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import types
 import uuid
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
 from actors.connection import RayConnection
-from actors.jobs import KINDS
-from actors.runner import JobError, JobTimeout, RayLost, RayRunners
-from bridge.contract import AgentJob
+from actors.runners import RayRunners
+from cluster.kinds import KINDS
+from core.contract import AgentJob
+from core.errors import JobError, JobTimeout, RayLost
 from tests.worker import kinds  # noqa: F401  (registers echo_test)
 
 pytestmark = pytest.mark.worker_env
@@ -24,8 +24,7 @@ pytestmark = pytest.mark.worker_env
 def runners(ray_address: str) -> Iterator[RayRunners]:
     connection = RayConnection(ray_address, namespace=f"runner-{uuid.uuid4().hex[:8]}")
     connection.ensure()
-    # RayRunners needs only its runtime's Ray connection.
-    yield RayRunners(types.SimpleNamespace(ray=connection))  # type: ignore[arg-type]
+    yield RayRunners(connection)
     connection.disconnect()
 
 

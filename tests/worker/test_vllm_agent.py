@@ -16,22 +16,13 @@ from typing import Any, Dict, Iterator
 import aiohttp
 import pytest
 
-from actors.vllm_agent import (
-    DIVERSITY_INSTRUCTION,
-    PERSONAS,
-    LLMError,
-    build_messages,
-    call_vllm,
-    chat_url,
-    extract_score,
-    parse_retry_after,
-    resolve_url,
-    sampling,
-)
-from bridge.contract import AgentJob
-from bridge.servers import free_port
-from bridge.standin_behaviour import MARKER
-from bridge.standin_llm import StandinThread, run_in_thread
+from cluster.prompts import DIVERSITY_INSTRUCTION, PERSONAS, build_messages, sampling
+from cluster.vllm import call_vllm, chat_url, extract_score, parse_retry_after, resolve_url
+from core.contract import AgentJob
+from core.errors import LLMError
+from harness.servers import free_port
+from harness.standin_behaviour import MARKER
+from harness.standin_llm import StandinThread, run_in_thread
 
 
 @pytest.fixture(scope="module")

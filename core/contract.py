@@ -1,8 +1,8 @@
 """The message contract shared by the bridge and the workers.
 
-What one Dramatiq message of an agent job carries (``AgentJob``), the Redis keys of the
-deliberation state, the NATS subjects and the payloads of every event published there.
-Standard library only, Python 3.9 compatible: both sides import it.
+What one Dramatiq message of an agent job carries (``AgentJob``), the NATS subjects and the
+payloads of every event published there (Redis key names: ``core.keys``). Standard library
+only, Python 3.9 compatible: both sides and the cluster import it.
 
 Event payloads are rendered from the stored state (the deliberation record and its agents'
 records), never from a worker's memory, so an event published again after a crash carries the
@@ -16,7 +16,7 @@ import functools
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
-from bridge.settings import Settings
+from core.settings import Settings
 
 # Deliberation and agent statuses.
 QUEUED = "queued"
@@ -83,33 +83,8 @@ class AgentJob:
 _AGENT_JOB_FIELDS = frozenset(field.name for field in dataclasses.fields(AgentJob))
 
 
-class Keys:
-    """Redis keys of the deliberation state, under ``settings.key_prefix``."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.active = f"{prefix}:active"  # zset: deliberation id -> created ms
-        self.stats = f"{prefix}:stats"  # hash of counters
-        self.outbox = f"{prefix}:outbox"  # hash: event id -> JSON of what to publish
-        self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent
-        # hash per vLLM endpoint (``url|model``): failures, opened_until ms (actors.circuit)
-        self.circuits = f"{prefix}:circuit"
-
-    def deliberation(self, deliberation_id: str) -> str:
-        return f"{self.prefix}:d:{deliberation_id}"
-
-    def agents(self, deliberation_id: str) -> str:
-        return f"{self.prefix}:d:{deliberation_id}:agents"
-
-    def events(self, deliberation_id: str) -> str:
-        return f"{self.prefix}:d:{deliberation_id}:events"
-
-    def idempotency(self, key: str) -> str:
-        return f"{self.prefix}:idem:{key}"
-
-
 class Subjects:
-    """NATS subjects and streams (ARCHITECTURE.md), all from settings."""
+    """NATS subjects and streams (docs/architecture.md), all from settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.commands = settings.nats_commands_prefix

@@ -17,8 +17,9 @@ import threading
 from pathlib import Path
 from typing import Dict, List
 
-from bridge import logs, servers
-from bridge.settings import Settings
+from core import logs
+from core.settings import Settings
+from harness import servers
 
 
 class Child:
@@ -75,7 +76,7 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
             started.append(servers.ray_head(_folder(data_dir / "ray"), ray_binary).start(120))
             env["RAY_ADDRESS"] = started[-1].url
         if not settings.vllm_url:
-            from bridge.standin_llm import run_in_thread
+            from harness.standin_llm import run_in_thread
 
             standin = run_in_thread(latency=0.5)
             env["VLLM_URL"] = standin.url

@@ -1,8 +1,6 @@
-"""Runners: one long-lived async Ray actor per job kind and worker process.
-
-A runner holds a kind's function, its resources and (for HTTP-calling kinds) a connection
-pool, and runs up to ``max_concurrency`` jobs at once as asyncio tasks. Jobs reach it in
-batches and their outcomes come back in batches:
+"""The worker's side of the runners (``cluster.runner.Runner``): one long-lived async Ray
+actor per job kind and worker process, created on first use and again after a loss. Jobs
+reach a runner in batches and their outcomes come back in batches:
 
 - Every job handed over in one turn of the process's event loop travels in one call, and one
   ``Runner.collect`` long poll at a time brings back every outcome ready by then. The first
@@ -24,114 +22,17 @@ import itertools
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
-from bridge.contract import AgentJob
-
-if TYPE_CHECKING:
-    from actors.jobs import JobKind
-    from actors.runtime import WorkerRuntime
+from actors.connection import RayConnection
+from cluster.kinds import JobKind
+from cluster.runner import Runner
+from core.contract import AgentJob
+from core.errors import JobCancelled, JobTimeout, RayLost
 
 logger = logging.getLogger("ray_executor.runner")
 CANCEL_POLL = 2.0  # seconds between checks that the job's deliberation was not cancelled
 COLLECT_POLL = 1.0  # longest a Runner.collect call waits for an outcome
-Outcome = Tuple[bool, Any]  # (True, result) or (False, the job's exception)
-
-
-class JobTimeout(Exception):
-    error_type = "timeout"
-    retryable = False
-
-
-class JobCancelled(Exception):
-    error_type = "cancelled"
-    retryable = False
-
-
-class JobError(Exception):
-    """The job's own code raised an error it did not classify: not retried."""
-
-    error_type = "job_error"
-    retryable = False
-
-
-class RayLost(Exception):
-    """The Ray client connection dropped or a Ray node or worker died under the job."""
-
-    error_type = "ray_unavailable"
-    retryable = True
-
-
-class Runner:
-    """The Ray actor class (made remote in ``RayRunners._runner``); runs on the cluster.
-
-    Parameters:
-      function: the job kind's ``async def function(job) -> dict``.
-    """
-
-    def __init__(self, function: Callable[[AgentJob], Awaitable[Dict[str, Any]]]) -> None:
-        self.function = function
-        self.tasks: Dict[str, asyncio.Task] = {}
-        self.outcomes: Dict[str, Outcome] = {}
-        self.ended: Optional[asyncio.Event] = None  # created on the actor's loop
-
-    def ready(self) -> bool:
-        return True
-
-    async def start(self, jobs: List[Tuple[str, AgentJob]]) -> None:
-        """Start each ``(key, job)``; its outcome waits for ``collect`` under ``key``."""
-        for key, job in jobs:
-            task = asyncio.ensure_future(self.function(job))
-            self.tasks[key] = task
-            task.add_done_callback(lambda done, key=key: self._ended(key, done))
-
-    async def collect(self, jobs: List[Tuple[str, AgentJob]],
-                      timeout: float) -> Dict[str, Outcome]:
-        """Start ``jobs`` (as ``start`` does), then return the outcomes ready now, or the
-        first ones within ``timeout`` seconds."""
-        await self.start(jobs)
-        if self.ended is None:
-            self.ended = asyncio.Event()
-        if not self.outcomes:
-            self.ended.clear()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ended.wait(), timeout)
-        outcomes, self.outcomes = self.outcomes, {}
-        return outcomes
-
-    async def cancel(self, keys: List[str]) -> None:
-        for key in keys:
-            task = self.tasks.pop(key, None)
-            if task is not None:
-                task.cancel()
-
-    def _ended(self, key: str, task: asyncio.Task) -> None:
-        if self.tasks.pop(key, None) is None:  # cancelled: the worker no longer waits for it
-            return
-        if task.cancelled():  # not by us: the actor is going away
-            self.outcomes[key] = (False, RayLost("the job's task was cancelled on the cluster"))
-        elif task.exception() is not None:
-            self.outcomes[key] = (False, _classified(task.exception()))
-        else:
-            self.outcomes[key] = (True, task.result())
-        if self.ended is not None:
-            self.ended.set()
-
-
-def _classified(error: BaseException) -> BaseException:
-    """The job's exception as the worker will raise it: a classified error (one with an
-    ``error_type``) as it is, anything else as a ``JobError`` naming it. So is a classified
-    error that cannot be pickled: one outcome that cannot travel must not fail the whole
-    ``collect`` call."""
-    from ray import cloudpickle
-
-    if hasattr(error, "error_type"):
-        try:
-            cloudpickle.loads(cloudpickle.dumps(error))
-            return error
-        except Exception:
-            pass
-    return JobError(f"{type(error).__name__}: {error}")
 
 
 class RunnerCalls:
@@ -275,21 +176,18 @@ def _mirror(future: concurrent.futures.Future) -> asyncio.Future:
 
 
 class RayRunners:
-    """This process's runners, created on first use and again after the connection drops."""
+    """This process's runners (held by its ``WorkerRuntime``), created on first use and again
+    after the connection drops.
 
-    _lock = threading.Lock()
-    _instances: Dict[int, RayRunners] = {}
+    Parameters:
+      ray: the process's Ray client connection.
+    """
 
-    def __init__(self, runtime: WorkerRuntime) -> None:
-        self.runtime = runtime
+    def __init__(self, ray: RayConnection) -> None:
+        self.ray = ray
         self.handles: Dict[str, Any] = {}
         self.lock = threading.Lock()
         self.calls: Dict[str, RunnerCalls] = {}  # by kind; used on the loop only
-
-    @classmethod
-    def of(cls, runtime: WorkerRuntime) -> RayRunners:
-        with cls._lock:
-            return cls._instances.setdefault(id(runtime), cls(runtime))
 
     async def run(self, kind: JobKind, job: AgentJob,
                   is_cancelled: Callable[[], Awaitable[bool]]) -> Dict:
@@ -321,7 +219,7 @@ class RayRunners:
 
     async def _calls(self, kind: JobKind) -> RunnerCalls:
         handle = self.handles.get(kind.name)
-        if handle is None or not self.runtime.ray.connected:  # connect/create off the loop
+        if handle is None or not self.ray.connected:  # connect/create off the loop
             handle = await asyncio.get_running_loop().run_in_executor(None, self._runner, kind)
         calls = self.calls.get(kind.name)
         if calls is None or calls.handle is not handle or calls.broken:
@@ -347,11 +245,11 @@ class RayRunners:
     def _runner(self, kind: JobKind) -> Any:
         with self.lock:
             handle = self.handles.get(kind.name)
-            if handle is not None and self.runtime.ray.connected:
+            if handle is not None and self.ray.connected:
                 return handle
             import ray
 
-            self.runtime.ray.ensure()
+            self.ray.ensure()
             started = time.monotonic()
             remote = ray.remote(Runner).options(**kind.ray_options)
             handle = remote.remote(kind.function)
@@ -364,4 +262,4 @@ class RayRunners:
     def _reset(self) -> None:
         with self.lock:
             self.handles.clear()
-        self.runtime.ray.disconnect()
+        self.ray.disconnect()

@@ -1,7 +1,7 @@
 """Publishing lifecycle events to NATS JetStream from the Redis outbox.
 
 Every state change that must reach NATS writes an outbox entry in the same Lua script that
-makes the change (``bridge.state``), so an event can be late but never lost: when NATS is
+makes the change (``core.store``), so an event can be late but never lost: when NATS is
 down, or the process dies between recording and publishing, the entry waits. The process that
 wrote an entry publishes it at once; any process's ``run`` loop takes over entries whose lease
 (``OUTBOX_LEASE_MS``) has passed. Payloads are rendered from the stored state and published
@@ -29,11 +29,12 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from bridge import contract
-from bridge.contract import Subjects
-from bridge.logs import redact
-from bridge.settings import Settings
-from bridge.state import OUTBOX_LEASE_MS, DeliberationStore, Finished, StateUnavailable
+from core import contract
+from core.contract import Subjects
+from core.errors import StateUnavailable
+from core.logs import redact
+from core.settings import Settings
+from core.store import OUTBOX_LEASE_MS, DeliberationStore, Finished
 
 logger = logging.getLogger("ray_executor.outbox")
 
@@ -48,7 +49,7 @@ return ids
 
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
-    """Create the project's streams when missing (ARCHITECTURE.md's table)."""
+    """Create the project's streams when missing (the table in docs/architecture.md)."""
     for name, stream_subjects in subjects.streams.items():
         try:
             await js.stream_info(name)
@@ -102,7 +103,7 @@ class Outbox:
     async def flush_due(self, limit: int = 200) -> int:
         """Claim entries whose lease passed and publish them."""
         keys = self.store.keys
-        ids = await self.store.guard(self._claim(
+        ids = await self.store.batcher.guard(self._claim(
             keys=[keys.outbox_due], args=[contract.now_ms(), OUTBOX_LEASE_MS, limit]))
         return await self.publish(ids)
 
@@ -123,7 +124,7 @@ class Outbox:
         if self.js is None:
             return False
         keys = self.store.keys
-        raw = await self.store.guard(self.store.redis.hget(keys.outbox, event_id))
+        raw = await self.store.batcher.guard(self.store.redis.hget(keys.outbox, event_id))
         if raw is None:
             return False
         entry = json.loads(raw)
@@ -223,7 +224,7 @@ class Outbox:
 
     async def _forget(self, *event_ids: str) -> None:
         keys = self.store.keys
-        await self.store.batched(("HDEL", keys.outbox, *event_ids),
+        await self.store.batcher.batched(("HDEL", keys.outbox, *event_ids),
                                  ("ZREM", keys.outbox_due, *event_ids))
 
 

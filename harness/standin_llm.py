@@ -22,10 +22,10 @@ and requests succeed again. Setting a fault without ``fail_count`` sets it to -1
 Pure asyncio: one coroutine per connection and no thread per request, so thousands of slow
 requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` bodies only.
 Standard library only, Python 3.9 compatible (the worker-side tests run it too). The
-behaviour and the answers' bodies live in ``bridge.standin_behaviour``, the HTTP/1.1 plumbing
-in ``bridge.standin_http``::
+behaviour and the answers' bodies live in ``harness.standin_behaviour``, the HTTP/1.1 plumbing
+in ``harness.standin_http``::
 
-    python -m bridge.standin_llm --port 8000 --latency 0.2
+    python -m harness.standin_llm --port 8000 --latency 0.2
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import sys
 import threading
 from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
-from bridge.standin_behaviour import Behaviour, ControlError, Stats, completion
-from bridge.standin_http import (
+from harness.standin_behaviour import Behaviour, ControlError, Stats, completion
+from harness.standin_http import (
     MAX_BODY_BYTES,
     Connection,
     HttpError,
@@ -388,7 +388,7 @@ async def _serve_until_signalled(server: StandinLLM) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bridge.standin_llm",
+        prog="python -m harness.standin_llm",
         description="OpenAI-compatible stand-in for vLLM (answers without any model).")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")

@@ -1,13 +1,14 @@
-"""The job kinds of ray-executor. ``vllm_agent`` is the first; a new kind is a decorated
-async function (see ``actors.jobs.job_kind``)."""
+"""The built-in job kinds. ``vllm_agent`` is the first; a new kind is a decorated async
+function (``cluster.kinds.job_kind``). Runs on the Ray cluster."""
 
 from __future__ import annotations
 
 import time
 from typing import Any, Dict, Optional
 
-from actors.jobs import job_kind
-from bridge.contract import VLLM_AGENT, AgentJob
+from cluster.kinds import job_kind
+from cluster.vllm import call_vllm, resolve_url
+from core.contract import VLLM_AGENT, AgentJob
 
 _session: Optional[Any] = None  # one aiohttp session per runner: connections are reused
 
@@ -26,7 +27,6 @@ async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
     """Runs on the Ray cluster: one agent's chat completion against vLLM."""
     import ray
 
-    from actors.vllm_agent import call_vllm, resolve_url
 
     base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
     started = time.perf_counter()

@@ -1,6 +1,6 @@
 """The stand-in LLM's HTTP/1.1 plumbing: one connection's reads and answers, request heads.
 
-Just what ``bridge.standin_llm`` needs: ``Content-Length`` bodies, keep-alive, pipelined
+Just what ``harness.standin_llm`` needs: ``Content-Length`` bodies, keep-alive, pipelined
 requests, a TCP reset on demand, OpenAI-style error bodies. Standard library only, Python 3.9
 compatible.
 """

@@ -321,7 +321,7 @@ def documented() -> list[tuple[str, str, str]]:
 
 
 def markdown_table() -> str:
-    """The README's settings table (``python -m bridge.settings``)."""
+    """The README's settings table (``python -m core.settings``)."""
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for env, default, doc in documented():
         rows.append(f"| `{env}` | {f'`{default}`' if default else '(empty)'} | {doc} |")

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Dict, Mapping, Optional
 
-from bridge.standin_http import HttpError
+from harness.standin_http import HttpError
 
 MARKER = "[stand-in LLM, not a real model]"
 REASONING = "Stand-in reasoning: no model ran; this text is fixed and says nothing."

@@ -1,0 +1,166 @@
+"""Every use of Dramatiq's internals, in one module, guarded by Dramatiq's version.
+
+ray-executor goes past Dramatiq's public API in four places, each here:
+
+- ``submit.lua`` (``core.store``) writes agent-job messages into Dramatiq's Redis layout
+  itself, so a deliberation's record and its messages land in one atomic script: a message
+  is its encoded JSON in the hash ``<ns>:<queue>.msgs`` under its ``redis_message_id`` and
+  that id pushed on the list ``<ns>:<queue>``, as ``RedisBroker.enqueue`` does
+  (``encode``, ``queue_key``, ``messages_key``). A test compares the two byte for byte.
+- The queue depths read the delay queue's message hash and the dead-letter zset
+  (``queue_depths``).
+- The workers' consumer (``PromptConsumer``) subclasses the private ``_RedisConsumer`` and
+  re-implements its fetch step, to wake on a submit and refill a freed prefetch place at once.
+- The workers' heartbeat calls the broker's ``dispatch`` Lua script with a command it does
+  not know, which refreshes the heartbeat and runs the requeue of dead workers' messages
+  (``heartbeat``).
+
+Any of these may change in another Dramatiq release without notice, and a silent change
+would lose messages: importing this module with a release not in ``SUPPORTED`` fails at once,
+naming the release and what to do.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Dict, Optional
+
+import dramatiq
+import redis
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff, dq_name, xq_name
+from dramatiq.errors import ConnectionClosed
+
+# The releases whose internals this module was checked against (pyproject pins the same).
+SUPPORTED = ("1.18.0",)
+NAMESPACE = "dramatiq"  # RedisBroker's default key namespace
+
+
+class UnsupportedDramatiq(ImportError):
+    """The installed Dramatiq is not a release this module was checked against."""
+
+
+def check_version(version: str) -> None:
+    """Raise ``UnsupportedDramatiq`` unless ``version`` is in ``SUPPORTED``."""
+    if version not in SUPPORTED:
+        raise UnsupportedDramatiq(
+            f"ray-executor writes Dramatiq's Redis layout and subclasses its private consumer "
+            f"(core/dramatiq_internals.py), checked against Dramatiq {', '.join(SUPPORTED)}; "
+            f"this environment has Dramatiq {version}. Install dramatiq=={SUPPORTED[-1]} "
+            f"(pyproject.toml pins it), or check each internal use in that module against "
+            f"Dramatiq {version}, run tests/bridge/test_dramatiq_internals.py, and add the "
+            f"release to SUPPORTED.")
+
+
+check_version(dramatiq.__version__)
+
+
+# --- the Redis layout ----------------------------------------------------------------------
+
+
+def queue_key(queue: str) -> str:
+    """List of the queue's ready message ids."""
+    return f"{NAMESPACE}:{queue}"
+
+
+def messages_key(queue: str) -> str:
+    """Hash of the queue's messages: redis message id -> encoded message."""
+    return queue_key(queue) + ".msgs"
+
+
+def encode(queue: str, actor_name: str, kwargs: Dict[str, Any], options: Dict[str, Any],
+           redis_message_id: str, *, message_id: Optional[str] = None,
+           message_timestamp: Optional[int] = None) -> str:
+    """The encoded message ``RedisBroker.enqueue`` stores for an actor call on ``queue`` (the
+    process's encoder: JSON on both sides), with ``redis_message_id`` among its options."""
+    fields: Dict[str, Any] = {}
+    if message_id is not None:
+        fields["message_id"] = message_id
+    if message_timestamp is not None:
+        fields["message_timestamp"] = message_timestamp
+    message = dramatiq.Message(queue_name=queue, actor_name=actor_name, args=(), kwargs=kwargs,
+                               options={**options, "redis_message_id": redis_message_id},
+                               **fields)
+    return message.encode().decode()
+
+
+def queue_depths(pipe: Any, queue: str) -> None:
+    """Queue on ``pipe`` (sync or asyncio) the three depth reads of ``queue``, in this order:
+    ready (messages no worker has fetched yet), delayed (every message waiting for its time,
+    those a worker already holds in memory included: Dramatiq workers fetch delayed messages
+    early, so the delay queue's list alone reads about 0), dead-lettered."""
+    pipe.llen(queue_key(queue))
+    pipe.hlen(messages_key(dq_name(queue)))
+    pipe.zcard(queue_key(xq_name(queue)))
+
+
+def delay_queue(queue: str) -> str:
+    """The name of ``queue``'s delay queue (retries and delayed messages wait there)."""
+    return str(dq_name(queue))
+
+
+# --- the workers' consumer and heartbeat -----------------------------------------------------
+
+
+class PromptConsumer(_RedisConsumer):
+    """Dramatiq's Redis consumer, prompter on two counts:
+
+    - while its prefetch is full, it waits for a worker thread to ack or nack instead of
+      sleeping through its backoff, so the freed place is refilled at once rather than up to
+      a poll later (with short jobs and a small prefetch, that pause was a large share of each
+      job's time);
+    - when a fetch finds nothing, it sleeps Dramatiq's backoff but wakes as soon as a submit
+      announces its queue (``wake``), so a job reaching an idle worker starts at once instead
+      of up to a poll later.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._room = threading.Event()
+        self._woken = threading.Event()
+
+    def wake(self) -> None:
+        self._woken.set()
+
+    def ack(self, message: Any) -> None:
+        try:
+            super().ack(message)
+        finally:
+            self._room.set()
+
+    def nack(self, message: Any) -> None:
+        try:
+            super().nack(message)
+        finally:
+            self._room.set()
+
+    def __next__(self) -> Any:
+        if not self.message_cache and self.outstanding_message_count >= self.prefetch:
+            self._room.clear()
+            if self.outstanding_message_count >= self.prefetch:  # no ack since the check
+                self._room.wait(self.timeout / 1000)
+            return None  # the consumer thread moves due delayed messages, then asks again
+        if not self.message_cache:  # Dramatiq's fetch, with a sleep that a wake cuts short
+            self._woken.clear()  # before the fetch: a submit after it wakes the sleep below
+            try:
+                self.message_cache = self.broker.do_fetch(
+                    self.queue_name, self.prefetch - self.outstanding_message_count)
+            except redis.ConnectionError as exc:
+                raise ConnectionClosed(exc) from None
+            if not self.message_cache:
+                self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+                self._woken.wait(backoff_ms / 1000)
+                return None
+        return super().__next__()  # takes the first cached message, as Dramatiq does
+
+
+def heartbeat(broker: RedisBroker, queue: str, now_ms: int) -> None:
+    """Refresh ``broker``'s worker heartbeat and requeue the unacked messages of workers whose
+    heartbeat is older than ``broker.heartbeat_timeout``, on ``queue``.
+
+    Dramatiq refreshes a heartbeat only when the worker fetches or acks, and requeues dead
+    workers' messages only on 0.1% of its calls: its ``dispatch`` script given a command it
+    does not know, with maintenance on, does both and nothing else."""
+    broker.scripts["dispatch"](keys=[broker.namespace], args=[
+        "heartbeat", now_ms, queue, broker.broker_id, broker.heartbeat_timeout,
+        broker.dead_message_ttl, "1", 1000])
