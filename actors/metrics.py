@@ -47,5 +47,10 @@ def get() -> SimpleNamespace:
                 ray_connected=prom.Gauge(
                     "ray_executor_ray_connected", "1 while every process holds its Ray client "
                     "connection (min over processes).", multiprocess_mode="livemin"),
+                worker_ready=prom.Gauge(
+                    "ray_executor_worker_ready", "1 while every live process has booted and "
+                    "its broker heartbeat reaches Redis (min over processes); independent of "
+                    "Ray, so a Ray outage does not make a pod unready.",
+                    multiprocess_mode="livemin"),
             )
         return _metrics

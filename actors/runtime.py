@@ -68,16 +68,22 @@ class WorkerRuntime(dramatiq.Middleware):
             beat.start()
             self._threads.append(beat)
         self._threads.append(loop_thread)
+        self._connect_ray()
+
+    def _connect_ray(self) -> None:
+        """Connect to Ray and create this process's runners before the process takes jobs, so
+        no job holds a rate-limiter slot while a runner is being created (seconds on a busy
+        cluster). One attempt: Dramatiq serves /metrics (the readiness probe) only once every
+        process has booted, an unreachable Ray costs Ray client's 30 s timeout per attempt, and
+        jobs wait for Ray themselves. Not in a thread of its own: tried, the first jobs raced
+        that connection (runners lost, jobs requeued) and a worker stalled."""
         try:
-            self.ray.ensure(attempts=3)
-            self._warm_runners()
+            self.ray.ensure(attempts=1)
         except ConnectionError as exc:  # jobs will retry the connection and back off
             logger.warning("Ray not reachable at boot: %s", exc)
-        metrics.get().ray_connected.set(1 if self.ray.connected else 0)
-
-    def _warm_runners(self) -> None:
-        """Create this process's runners before it takes any job, so no job holds a
-        rate-limiter slot while a runner is being created (seconds on a busy cluster)."""
+            return
+        finally:
+            metrics.get().ray_connected.set(1 if self.ray.connected else 0)
         for kind in KINDS.values():
             try:
                 self.runners.warm(kind)
@@ -159,14 +165,19 @@ class WorkerRuntime(dramatiq.Middleware):
         heartbeat only on a fetch or an ack, so a process whose prefetch is full of long jobs
         would look dead after ``heartbeat_timeout``."""
         queues = [self.settings.queue, dramatiq_internals.delay_queue(self.settings.queue)]
-        while not self._stop.wait(self.heartbeat_interval):
-            metrics.get().ray_connected.set(1 if self.ray.connected else 0)
+        while True:
+            beating = True
             for queue in queues:
                 try:
                     dramatiq_internals.heartbeat(broker, queue, int(time.time() * 1000))
                 except Exception as exc:  # Redis down: the next beat tries again
                     logger.warning("broker heartbeat failed: %s", exc)
+                    beating = False
                     break
+            metrics.get().worker_ready.set(1 if beating else 0)
+            metrics.get().ray_connected.set(1 if self.ray.connected else 0)
+            if self._stop.wait(self.heartbeat_interval):
+                return
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

@@ -2,7 +2,10 @@
 
 Queue depth per queue is read from Redis at scrape time: it is the metric the worker HPA
 scales on (``ray_executor_queue_depth{queue,state}``; states ``ready``, ``delayed`` and
-``dead_letter`` as ``core.dramatiq_internals.queue_depths`` reads them).
+``dead_letter`` as ``core.dramatiq_internals.queue_depths`` reads them), and per route the
+jobs pending (ready, delayed or running) against the route's capacity, which the worker
+autoscalers scale on (``ray_executor_route_pending_jobs{route}``,
+``ray_executor_route_capacity{route}``; one route, ``default``, until routes are configurable).
 ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' records
 (``actors.circuit``). Deliberation totals come from the shared Redis counters, so every bridge
 replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
@@ -23,13 +26,15 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from core.connections import connect_sync
-from core.dramatiq_internals import queue_depths
+from core.dramatiq_internals import queue_depths, unacked
 from core.keys import Keys
 from core.logs import redact
 from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.metrics")
 
+# The name the chart gives the one route the service has (k8s/charts/ray-executor/values.yaml).
+DEFAULT_ROUTE = "default"
 REGISTRY = CollectorRegistry(auto_describe=True)
 INGRESS_REQUESTS = Counter(
     "ray_executor_ingress_requests", "Deliberation requests by ingress and outcome.",
@@ -61,12 +66,19 @@ class QueueCollector:
             "ray_executor_circuit_open", "1 while a vLLM endpoint's circuit is open (jobs wait), "
             "0 while it has failures recorded but is closed or letting a probe through.",
             labels=["endpoint"])
+        pending = GaugeMetricFamily(
+            "ray_executor_route_pending_jobs", "Jobs of the route's queue that are ready, "
+            "delayed or running: what the route's worker autoscaler scales on.", labels=["route"])
+        capacity = GaugeMetricFamily(
+            "ray_executor_route_capacity", "The most jobs the route's vLLM endpoints run at once.",
+            labels=["route"])
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 queue_depths(pipe, queue)
+                unacked(pipe, queue)
                 pipe.hgetall(self.keys.stats)
                 pipe.zcard(self.keys.active)
-                ready, delayed, dead, stats, active = pipe.execute()
+                ready, delayed, dead, running_or_ready, stats, active = pipe.execute()
             opened = self._circuits()
         except redis.RedisError as exc:
             logger.warning("metrics scrape could not read Redis: %s", exc)
@@ -79,10 +91,12 @@ class QueueCollector:
         for status in ("total", "completed", "failed", "cancelled"):
             totals.add_metric([status], int(stats.get(status, 0)))
         totals.add_metric(["active"], active)
+        pending.add_metric([DEFAULT_ROUTE], running_or_ready + delayed)
+        capacity.add_metric([DEFAULT_ROUTE], self.settings.vllm_concurrency)
         now = time.time() * 1000
         for endpoint, opened_until in opened.items():
             circuits.add_metric([redact(endpoint)], 1 if opened_until > now else 0)
-        yield from (depth, totals, circuits, up)
+        yield from (depth, totals, circuits, pending, capacity, up)
 
     def _circuits(self) -> Dict[str, float]:
         """``opened_until`` (ms, 0 when closed) of every endpoint with a circuit record; the

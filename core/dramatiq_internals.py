@@ -94,6 +94,13 @@ def queue_depths(pipe: Any, queue: str) -> None:
     pipe.zcard(queue_key(xq_name(queue)))
 
 
+def unacked(pipe: Any, queue: str) -> None:
+    """Queue on ``pipe`` the count of ``queue``'s messages not yet acked: ready ones and those
+    workers have fetched and are running (Dramatiq keeps each in the queue's message hash
+    until its ack)."""
+    pipe.hlen(messages_key(queue))
+
+
 def delay_queue(queue: str) -> str:
     """The name of ``queue``'s delay queue (retries and delayed messages wait there)."""
     return str(dq_name(queue))

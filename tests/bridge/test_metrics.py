@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 import urllib.request
 
@@ -15,6 +16,7 @@ from dramatiq.brokers.redis import RedisBroker
 from core.logs import redact
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
+from tests.waiting import until
 
 
 def scrape(bridge: BridgeProcess) -> str:
@@ -79,6 +81,40 @@ def test_delayed_depth_counts_what_a_worker_holds(bridge: BridgeProcess, redis_u
         status = bridge.stub().GetStatus(pb.GetStatusRequest(include_stats=True))
         assert status.stats.delayed_messages == 2
     finally:
+        worker.stop()
+        broker.close()
+
+
+def test_route_pending_jobs_count_ready_and_running_against_capacity(
+        bridge: BridgeProcess, redis_url: str) -> None:
+    """The autoscalers' metric: a job a worker is running is still pending work (a new pod
+    could not take it, but it occupies the route), so it stays counted until acked."""
+    pending = lambda: sample(  # noqa: E731
+        scrape(bridge), "ray_executor_route_pending_jobs", route="default")
+    assert pending() == 0
+    assert sample(scrape(bridge), "ray_executor_route_capacity", route="default") == \
+        int(bridge.env.get("RAY_EXECUTOR_VLLM_CONCURRENCY", "64"))
+    bridge.stub().ExecuteDeliberation(request(agents=3))
+    assert pending() == 3
+    broker = RedisBroker(url=redis_url, middleware=[])
+    started, release = threading.Event(), threading.Event()
+
+    def hold(**job: object) -> None:
+        started.set()
+        release.wait(60)
+
+    dramatiq.actor(hold, actor_name="vllm_agent", queue_name=bridge.queue, broker=broker)
+    worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
+    worker.start()
+    try:
+        assert started.wait(30), "the worker took a job"
+        assert sample(scrape(bridge), "ray_executor_queue_depth", queue=bridge.queue,
+                      state="ready") < 3, "one job left the ready list"
+        assert pending() == 3, "running and prefetched jobs are still pending"
+        release.set()
+        until(lambda: pending() == 0, "every job acked")
+    finally:
+        release.set()
         worker.stop()
         broker.close()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -16,6 +17,7 @@ from core.settings import Settings
 from core.store import DeliberationStore
 from harness import servers
 from tests.conftest import worker_python
+from tests.waiting import until
 from tests.worker.test_job_kinds import jobs, published
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
@@ -223,3 +225,37 @@ def test_sigterm_drains_running_jobs_and_requeues_the_rest(
     for did in ids:
         msg_ids = [m.headers["Nats-Msg-Id"] for m in asyncio.run(published(nats_url, did, 0.2))]
         assert len(msg_ids) == len(set(msg_ids)) == 4, msg_ids
+
+
+def worker_gauges(settings: Settings) -> Dict[str, float]:
+    """The worker group's readiness gauges from its /metrics ({} while nothing serves it)."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics",
+                                      timeout=5).read().decode()
+    except OSError:
+        return {}
+    return {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("ray_executor_worker_ready ", "ray_executor_ray_connected "))}
+
+
+def test_readiness_follows_the_broker_not_ray(nats_url: str, tmp_path: Path) -> None:
+    """A Ray outage leaves the workers ready (restarting them would not bring Ray back, and
+    unready pods block node drains); a broker that cannot reach Redis makes them unready."""
+    (tmp_path / "valkey").mkdir()
+    valkey = servers.valkey(tmp_path / "valkey").start()
+    unreachable_ray = f"ray://127.0.0.1:{servers.free_port()}"
+    settings = fault_settings(valkey.url, nats_url, unreachable_ray)
+    workers = WorkerGroup.with_settings(settings, tmp_path / "workers.log")
+    try:
+        until(lambda: worker_gauges(settings) == {"ray_executor_worker_ready": 1.0,
+                                                  "ray_executor_ray_connected": 0.0},
+              "ready with Ray unreachable", timeout=120)
+        valkey.stop()
+        until(lambda: worker_gauges(settings).get("ray_executor_worker_ready") == 0.0,
+              "unready while Redis is down", timeout=60)
+        valkey.start()
+        until(lambda: worker_gauges(settings).get("ray_executor_worker_ready") == 1.0,
+              "ready again once Redis is back", timeout=60)
+    finally:
+        workers.stop()
+        valkey.stop()
