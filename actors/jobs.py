@@ -8,11 +8,12 @@ Ray actor is created per job and HTTP connections are reused — waits for it wi
 time limit (cancelling the Ray task when it passes or when the deliberation is cancelled),
 records the outcome and publishes it to NATS through the outbox.
 
-Tracing: the W3C ``traceparent`` the ingress put in the message options is the parent of an
-OpenTelemetry span ``ray_executor.agent_job`` around the attempt (the API only: without an SDK
-configured by the operator the span records nothing and the incoming context passes through);
-the span's context goes to the Ray job in ``metadata["traceparent"]`` and from there to vLLM
-as an HTTP header, and every log line of the attempt carries it.
+Tracing (``core.tracing``): the W3C trace context (``traceparent``, ``tracestate``) the
+ingress put in the message options is the parent of a span ``ray_executor.agent_job`` around
+the attempt; the span's context goes to the Ray job in its metadata and from there to vLLM as
+HTTP headers, and every log line of the attempt carries the ``traceparent``. Spans are exported
+when the operator installs the OpenTelemetry SDK (the ``tracing`` extra) and sets ``OTEL_*``;
+otherwise they are no-ops and the incoming context passes through unchanged.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from typing import Any, Callable, Dict, Optional, Type, TypeVar
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
 from actors.limits import ConcurrencyLimiter
 from actors.runtime import WorkerRuntime
 from cluster.kinds import KINDS, JobKind
-from core import contract
+from core import contract, tracing
 from core.contract import AgentJob
 from core.errors import CANCELLED, RAY_UNAVAILABLE, classify
 
@@ -76,12 +77,12 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
     freed as soon as the Ray call ends."""
     message = CurrentMessage.get_current_message()
     retry = int(message.options.get("retries", 0)) if message else 0
-    traceparent = str(message.options.get("traceparent") or "") if message else ""
+    received = tracing.carrier(message.options) if message else {}
     ray_waits = int(message.options.get("ray_waits", 0)) if message else 0
     log = {"deliberation_id": job.deliberation_id, "agent_id": job.agent_id,
            "task_id": job.task_id, "message_id": message.message_id if message else ""}
-    if traceparent:
-        log["traceparent"] = traceparent
+    if received.get("traceparent"):
+        log["traceparent"] = received["traceparent"]
     if ray_waits:
         log["ray_waits"] = ray_waits
     attributes = {"ray_executor.deliberation_id": job.deliberation_id,
@@ -89,10 +90,10 @@ def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
                   "ray_executor.kind": kind.name, "ray_executor.attempt": retry + 1,
                   "messaging.message.id": log["message_id"]}
     with tracer.start_as_current_span(
-            "ray_executor.agent_job", context=propagate.extract({"traceparent": traceparent}),
+            "ray_executor.agent_job", context=tracing.parent(received),
             kind=trace.SpanKind.CONSUMER, attributes=attributes):
         try:
-            _attempt(runtime, kind, job, retry, log,
+            _attempt(runtime, kind, job, received, retry, log,
                      lambda: limiter.release(message.message_id) if limiter and message else None)
         except WaitForRay as wait:
             # Ray being away is not the job's fault: put it back for later without spending
@@ -113,23 +114,18 @@ class WaitForRay(Exception):
         self.delay = delay
 
 
-def _traced(job: AgentJob, traceparent: str) -> AgentJob:
-    """``job`` carrying the current span's trace context (else the message's ``traceparent``)
-    in its metadata, for the Ray side and vLLM."""
-    carrier: Dict[str, str] = {}
-    propagate.inject(carrier)
-    context = {key: carrier[key] for key in ("traceparent", "tracestate") if carrier.get(key)}
-    context.setdefault("traceparent", traceparent)
-    if not context["traceparent"]:
-        return job
-    return dataclasses.replace(job, metadata={**job.metadata, **context})
+def _traced(job: AgentJob, received: Dict[str, str]) -> AgentJob:
+    """``job`` carrying the current span's trace context (else the message's, when spans are
+    no-ops) in its metadata, for the Ray side and vLLM."""
+    context = tracing.current() or received
+    return dataclasses.replace(job, metadata={**job.metadata, **context}) if context else job
 
 
-def _attempt(runtime: WorkerRuntime, kind: JobKind, job: AgentJob, retry: int,
-             log: Dict[str, Any], release_slot: Callable[[], None]) -> None:
+def _attempt(runtime: WorkerRuntime, kind: JobKind, job: AgentJob, received: Dict[str, str],
+             retry: int, log: Dict[str, Any], release_slot: Callable[[], None]) -> None:
     # One hand-off to the process's event loop for the whole attempt: the thread only waits,
     # so in-flight jobs cost no GIL wake-ups per step (state, Ray, NATS all run on the loop).
-    traced = _traced(job, log.get("traceparent", ""))
+    traced = _traced(job, received)
     runtime.run(_attempt_on_loop(runtime, kind, job, traced, retry, log, release_slot),
                 timeout=None)
 

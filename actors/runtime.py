@@ -23,7 +23,7 @@ from actors import metrics
 from actors.connection import RayConnection
 from actors.runners import RayRunners
 from cluster.kinds import KINDS
-from core import dramatiq_internals
+from core import dramatiq_internals, tracing
 from core.connections import connect
 from core.contract import Subjects
 from core.outbox import Outbox, attach_nats
@@ -57,6 +57,7 @@ class WorkerRuntime(dramatiq.Middleware):
     # --- lifecycle hooks ---
 
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
+        tracing.configure("ray-executor-worker")  # per process: exporter threads do not fork
         ready = threading.Event()
         loop_thread = threading.Thread(target=self._loop_main, args=(ready,),
                                        name="rx-loop", daemon=True)
@@ -97,6 +98,7 @@ class WorkerRuntime(dramatiq.Middleware):
         for thread in self._threads:
             thread.join(10)
         self.ray.disconnect()
+        tracing.shutdown()
 
     # --- used by actor threads ---
 

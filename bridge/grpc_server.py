@@ -18,10 +18,12 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from bridge.ingress import Ingress
 from bridge.validation import InvalidRequest
-from core import contract
+from core import contract, tracing
 from core.errors import StateUnavailable
 from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -74,13 +76,22 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     async def ExecuteDeliberation(self, request: pb.ExecuteDeliberationRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> pb.ExecuteDeliberationResponse:
-        traceparent = dict(context.invocation_metadata() or ()).get("traceparent", "")
-        try:
-            deliberation_id, created = await self.ingress.submit(request, str(traceparent))
-        except InvalidRequest as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except StateUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        span, carried = tracing.start(
+            "ray_executor.v1.RayExecutorService/ExecuteDeliberation", SpanKind.SERVER,
+            dict(context.invocation_metadata() or ()),
+            {"rpc.system": "grpc", "rpc.service": "ray_executor.v1.RayExecutorService",
+             "rpc.method": "ExecuteDeliberation", "ray_executor.task_id": request.task_id})
+        with trace.use_span(span, end_on_exit=True, record_exception=False,
+                            set_status_on_exception=False):
+            try:
+                deliberation_id, created = await self.ingress.submit(request, carried)
+            except InvalidRequest as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except StateUnavailable as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            span.set_attribute("ray_executor.deliberation_id", deliberation_id)
         message = (f"deliberation submitted with {len(request.agents)} agents" if created
                    else "already submitted: same task_id or idempotency key")
         return pb.ExecuteDeliberationResponse(deliberation_id=deliberation_id,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Awaitable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from bridge import validation
 from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
@@ -40,41 +40,42 @@ class Ingress:
         self.outbox = outbox
         self._background: Set[asyncio.Task] = set()
 
-    async def submit(self, request: pb.ExecuteDeliberationRequest, traceparent: str = "",
+    async def submit(self, request: pb.ExecuteDeliberationRequest,
+                     trace: Optional[Mapping[str, str]] = None,
                      source: str = "grpc") -> Tuple[str, bool]:
-        """Returns ``(deliberation_id, created)``; ``source`` labels the metrics.
+        """Returns ``(deliberation_id, created)``; ``trace`` is the W3C trace context to carry
+        (``core.tracing``); ``source`` labels the metrics.
 
         Raises ``validation.InvalidRequest`` (nothing written) or ``state.StateUnavailable``
         (nothing written: the script is atomic).
         """
-        outcome = (await self.submit_all([(request, traceparent)], source))[0]
+        outcome = (await self.submit_all([(request, trace or {})], source))[0]
         if isinstance(outcome, Exception):
             raise outcome
         return outcome  # type: ignore[no-any-return]
 
-    async def submit_all(self, requests: Sequence[Tuple[pb.ExecuteDeliberationRequest, str]],
+    async def submit_all(self, requests: Sequence[Tuple[pb.ExecuteDeliberationRequest,
+                                                         Mapping[str, str]]],
                          source: str) -> List[Any]:
-        """``submit`` for each ``(request, traceparent)``, recorded in one Redis pipeline: each
-        outcome is what ``submit`` returns or the exception it would raise."""
+        """``submit`` for each ``(request, trace)``, recorded in one Redis pipeline: each
+        outcome is what ``submit`` returns or the exception it would raise. The trace context
+        goes into the record (for the events) and the jobs' message options (for the
+        workers)."""
         started = time.perf_counter()
         outcomes: List[Any] = [None] * len(requests)
-        planned: List[Tuple[int, validation.Plan, str]] = []
+        planned: List[Tuple[int, validation.Plan, Mapping[str, str]]] = []
         submissions: List[Submission] = []
-        for index, (request, traceparent) in enumerate(requests):
+        for index, (request, trace) in enumerate(requests):
             try:
                 plan = validation.plan(request, self.settings, new_deliberation_id())
             except validation.InvalidRequest as exc:
                 outcomes[index] = exc
                 continue
-            record = dict(plan.record)
-            options = {}
-            if traceparent:
-                record["traceparent"] = traceparent
-                options["traceparent"] = traceparent
-            planned.append((index, plan, traceparent))
-            submissions.append((plan.idempotency_key, record, plan.jobs, options))
+            record = {**plan.record, **trace}
+            planned.append((index, plan, trace))
+            submissions.append((plan.idempotency_key, record, plan.jobs, dict(trace)))
         stored = await self.store.submit_all(submissions) if submissions else []
-        for (index, plan, traceparent), result in zip(planned, stored):
+        for (index, plan, trace), result in zip(planned, stored):
             if isinstance(result, Exception):
                 outcomes[index] = result
                 continue
@@ -85,8 +86,8 @@ class Ingress:
                                  deliberation_id, plan.record["task_id"], len(plan.jobs),
                                  extra={"deliberation_id": deliberation_id,
                                         "task_id": plan.record["task_id"],
-                                        **({"traceparent": traceparent} if traceparent else {})})
-                self._publish_submitted(deliberation_id, record, plan, traceparent)
+                                        **trace})
+                self._publish_submitted(deliberation_id, record, plan, trace)
             outcomes[index] = (deliberation_id, created)
         self._count(outcomes, source, time.perf_counter() - started)
         return outcomes
@@ -116,7 +117,7 @@ class Ingress:
         return changed, status
 
     def _publish_submitted(self, deliberation_id: str, stored: Dict[str, Any],
-                           plan: validation.Plan, traceparent: str) -> None:
+                           plan: validation.Plan, trace: Mapping[str, str]) -> None:
         """Publish ``submitted`` rendered from what is in hand (saves reading the state back);
         the outbox entry the submit wrote stays the recovery path."""
         if self.outbox is None:
@@ -124,8 +125,7 @@ class Ingress:
         agents = [{"agent_id": job.agent_id, "role": job.role} for job in plan.jobs]
         self.outbox.send(contract.event_id(deliberation_id, "submitted"),
                          self.outbox.subjects.deliberation("submitted"),
-                         contract.deliberation_submitted(stored, agents),
-                         {"traceparent": traceparent} if traceparent else {})
+                         contract.deliberation_submitted(stored, agents), dict(trace))
 
     def _publish_later(self, event_id: str) -> None:
         if self.outbox is not None:

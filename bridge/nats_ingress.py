@@ -44,11 +44,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from bridge.ingress import Ingress
 from bridge.request_json import parse_request
 from bridge.validation import InvalidRequest
-from core import contract
+from core import contract, tracing
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.settings import Settings
@@ -195,21 +197,26 @@ class NatsIngress:
         """Parse each message, submit the valid ones in one go (``Ingress.submit_all``: one
         Redis pipeline), then ack, refuse or retry each by its own outcome. Refusals and
         retries (a JetStream publish or a nak each) run side by side; acks do not wait."""
-        parsed: List[Tuple[Msg, pb.ExecuteDeliberationRequest, str]] = []
+        parsed: List[Tuple[Msg, pb.ExecuteDeliberationRequest, Dict[str, str]]] = []
         others: List[Awaitable[None]] = []
+        spans: List[trace.Span] = []
         for msg in msgs:
+            span, carried = tracing.start(
+                f"{msg.subject} process", SpanKind.CONSUMER, msg.headers,
+                {"messaging.system": "nats", "messaging.destination.name": msg.subject})
+            spans.append(span)
             try:
                 parsed.append((msg, parse_request(msg.data or b"",
-                                                  self.settings.max_request_bytes),
-                               _header(msg.headers or {}, "traceparent")))
+                                                  self.settings.max_request_bytes), carried))
             except InvalidRequest as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
                 others.append(self._settle(msg, None, exc))
         outcomes: List[Any] = []
         if parsed:
             try:
                 outcomes = await self._submit([msg for msg, _, _ in parsed],
-                                              [(request, traceparent)
-                                               for _, request, traceparent in parsed])
+                                              [(request, carried)
+                                               for _, request, carried in parsed])
             except Exception as exc:  # a bug: each message is retried, a bounded number of times
                 logger.exception("submitting %d stream messages failed", len(parsed))
                 outcomes = [exc] * len(parsed)
@@ -220,6 +227,8 @@ class NatsIngress:
                 await self._settle(msg, request, outcome)
         if others:
             await asyncio.gather(*others)
+        for span in spans:
+            span.end()
 
     async def _settle(self, msg: Msg, request: Optional[pb.ExecuteDeliberationRequest],
                       outcome: Any) -> None:
@@ -257,7 +266,8 @@ class NatsIngress:
         await msg.ack()
 
     async def _submit(self, msgs: List[Msg],
-                      requests: List[Tuple[pb.ExecuteDeliberationRequest, str]]) -> List[Any]:
+                      requests: List[Tuple[pb.ExecuteDeliberationRequest, Dict[str, str]]]
+                      ) -> List[Any]:
         """``Ingress.submit_all`` within ``SUBMIT_TIMEOUT``; while it is slow, ``_keep_alive``
         tells JetStream we are still at it."""
         now = asyncio.get_running_loop().time()

@@ -15,6 +15,7 @@ from bridge.grpc_server import build_server, mark_serving
 from bridge.ingress import Ingress
 from bridge.metrics import serve as serve_metrics
 from bridge.nats_ingress import NatsIngress
+from core import tracing
 from core.connections import connect
 from core.contract import Subjects
 from core.outbox import Outbox, attach_nats
@@ -29,6 +30,7 @@ async def run(settings: Settings, stop: asyncio.Event,
     """Serve until ``stop`` is set. ``on_ready`` gets the bound gRPC port."""
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is required for the bridge (or use `ray-executor up`)")
+    tracing.configure("ray-executor-bridge")
     redis = connect(settings.redis_url)
     store = DeliberationStore(redis, settings)
     outbox = Outbox(store, None, Subjects(settings))
@@ -65,4 +67,5 @@ async def run(settings: Settings, stop: asyncio.Event,
         await redis.close()
         if metrics is not None:
             metrics.shutdown()
+        tracing.shutdown()
         logger.info("bridge stopped")

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
+from core import tracing
 from core.contract import AgentJob
 from core.errors import JobError, RayLost, classify
 
@@ -30,6 +31,9 @@ class Runner:
     """
 
     def __init__(self, function: Callable[[AgentJob], Awaitable[Dict[str, Any]]]) -> None:
+        # Spans made on the cluster (the vLLM calls) are exported when the Ray image has the
+        # SDK and its nodes the OTEL_* variables (core.tracing).
+        tracing.configure("ray-executor-runner")
         self.function = function
         self.tasks: Dict[str, asyncio.Task] = {}
         self.outcomes: Dict[str, Outcome] = {}

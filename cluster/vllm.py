@@ -20,8 +20,11 @@ import time
 from typing import Any, Dict, Optional
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from cluster.prompts import build_messages, meta, sampling
+from core import tracing
 from core.contract import AgentJob
 from core.errors import LLMError
 
@@ -105,18 +108,36 @@ async def call_vllm(session: aiohttp.ClientSession, job: AgentJob, *, base_url: 
     """One chat completion for ``job``; the agent's result, or ``LLMError``.
 
     ``timeout`` (seconds, ≤ 0 for none) bounds the whole call, connecting included.
-    Cancelling the calling task closes the HTTP request. The job's W3C trace context
-    (``metadata["traceparent"]``/``["tracestate"]``) goes to vLLM as HTTP headers.
+    Cancelling the calling task closes the HTTP request. The call is a client span whose
+    parent is the job's W3C trace context (``metadata["traceparent"]``/``["tracestate"]``);
+    the span's context goes to vLLM as HTTP headers.
     """
     if not base_url.strip():
         raise LLMError("no vLLM URL configured for this job", "invalid_request", False)
+    span, headers = tracing.start(
+        f"chat {job.model}".strip(), SpanKind.CLIENT, trace_headers(job),
+        {"gen_ai.operation.name": "chat", "gen_ai.request.model": job.model,
+         "ray_executor.agent_id": job.agent_id})
+    with trace.use_span(span, end_on_exit=True, record_exception=False,
+                        set_status_on_exception=False):
+        try:
+            result = await _chat(session, job, base_url, timeout, headers)
+        except LLMError as exc:
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.set_attribute("error.type", exc.error_type)
+            raise
+        span.set_attribute("gen_ai.usage.output_tokens", result["tokens"])
+        return result
+
+
+async def _chat(session: aiohttp.ClientSession, job: AgentJob, base_url: str, timeout: float,
+                headers: Dict[str, str]) -> Dict[str, Any]:
     params = sampling(job)
     payload: Dict[str, Any] = {"messages": build_messages(job), **params}
     if job.model:
         payload["model"] = job.model
     url = chat_url(base_url)
     limit = aiohttp.ClientTimeout(total=timeout if timeout and timeout > 0 else None)
-    headers = trace_headers(job)
     started = time.monotonic()
     try:
         async with session.post(url, json=payload, timeout=limit,

@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from core import contract
+from core import contract, tracing
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.logs import redact
@@ -240,8 +240,8 @@ def _context(payload: Dict[str, Any], headers: Dict[str, str]) -> Dict[str, str]
 
 
 def _headers(record: Dict[str, str]) -> Dict[str, str]:
-    """NATS headers of a deliberation's events."""
-    return {"traceparent": record["traceparent"]} if record.get("traceparent") else {}
+    """NATS headers of a deliberation's events: its W3C trace context."""
+    return tracing.carrier(record)
 
 
 async def connect_nats(settings: Settings, name: str) -> NATS:

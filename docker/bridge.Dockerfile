@@ -31,7 +31,7 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HOME=/tmp
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/ray_executor-*.whl)[bridge]" \
+    pip install "$(ls /wheels/ray_executor-*.whl)[bridge,tracing]" \
     && groupadd --gid 1000 rx \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rx
 USER 1000:1000

@@ -39,7 +39,7 @@ ENV PYTHONUNBUFFERED=1 \
 # installed here from RAY_VERSION instead, so a build for another cluster does not fight the
 # extra's pin; the rest of the extra is listed as it is in pyproject.toml (a test checks).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/ray_executor-*.whl)[worker]" "ray[client]==${RAY_VERSION}" \
+    pip install "$(ls /wheels/ray_executor-*.whl)[worker,tracing]" "ray[client]==${RAY_VERSION}" \
     && groupadd --gid 1000 rx \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rx
 USER 1000:1000

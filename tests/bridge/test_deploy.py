@@ -342,9 +342,9 @@ def test_images_match_the_cluster_and_the_package() -> None:
     worker_extra = pyproject["project"]["optional-dependencies"]["worker"]
     (ray_pin,) = [r for r in worker_extra if r.startswith("ray[client]==")]
     ray_version = ray_pin.split("==")[1]
-    # Each image installs its role's extra: the Ray image only the cluster code's, so Ray's own
-    # grpcio and protobuf stay as Ray installed them.
-    extras = {"bridge.Dockerfile": "[bridge]", "worker.Dockerfile": "[worker]",
+    # Each image installs its role's extra (with the tracing SDK where we make spans): the Ray
+    # image only the cluster code's, so Ray's own grpcio and protobuf stay as Ray installed them.
+    extras = {"bridge.Dockerfile": "[bridge,tracing]", "worker.Dockerfile": "[worker,tracing]",
               "ray-head.Dockerfile": "[cluster]"}
     for name, extra in extras.items():
         info = dockerfile(name)
