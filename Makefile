@@ -44,11 +44,12 @@ out.chmod(0o755)
 endef
 export EXTRACT_HELM
 
-.PHONY: help envs up test lint test-bridge test-worker bench clean
+.PHONY: help envs up test test-fast lint test-bridge test-worker bench clean
 
 help:
 	@echo "make up      run the whole service on loopback with embedded servers"
 	@echo "make test    build both environments, lint, run every test"
+	@echo "make test-fast  the same without the suites marked slow (the edit-test loop)"
 	@echo "make bench   run benchmarks/ (writes benchmarks/results.{json,md})"
 
 .venv-bridge/.installed: $(DEPS)
@@ -115,6 +116,11 @@ test-worker: envs
 		$(WORKER)/pytest tests/worker $(PYTEST_ARGS)
 
 test: lint test-worker test-bridge
+
+# The edit-test loop: every test but those marked slow (fault injection, load, the chart's
+# static checks); `make test`, what CI runs, runs them too.
+test-fast: lint
+	$(MAKE) test-worker test-bridge PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'
 
 bench: envs
 	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks

@@ -17,6 +17,7 @@ from typing import Iterator
 import pytest
 
 from harness import servers
+from tests.nats_events import Recorder
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
@@ -66,6 +67,14 @@ def nats_url(request: pytest.FixtureRequest) -> str:
     if os.environ.get("NATS_URL"):
         return os.environ["NATS_URL"]
     return str(request.getfixturevalue("nats_server").url)
+
+
+@pytest.fixture
+def recorder(nats_url: str) -> Iterator[Recorder]:
+    """Every event published on ``nats_url`` from now on, duplicates included."""
+    found = Recorder(nats_url)
+    yield found
+    found.close()
 
 
 def cluster_python() -> str:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Tuple
 
 import grpc
 import nats
@@ -93,15 +94,23 @@ def test_nats_over_tls_needs_the_ca(start_bridge: Any, tmp_path: Path) -> None:
 
         with pytest.raises((OSError, nats.errors.Error)):  # the private CA is not trusted
             asyncio.run(connect())
-        import ssl
-
-        asyncio.run(connect(tls=ssl.create_default_context(cafile=pki["ca.pem"])))
+        trusted = ssl.create_default_context(cafile=pki["ca.pem"])
+        asyncio.run(connect(tls=trusted))
         bridge = start_bridge(NATS_URL=url, RAY_EXECUTOR_NATS_TLS_CA=pki["ca.pem"])
-        bridge.stub().ExecuteDeliberation(request(agents=1))
-        deadline = time.monotonic() + 20
-        while "connected to NATS" not in bridge.log.read_text():
-            assert time.monotonic() < deadline, bridge.log.read_text()[-2000:]
-            time.sleep(0.2)
+
+        async def submit_and_hear() -> Tuple[Any, Any]:
+            nc = await nats.connect(url, tls=trusted, allow_reconnect=False)
+            try:
+                heard = await nc.subscribe("orchestration.deliberation.submitted")
+                await nc.flush()
+                reply = bridge.stub().ExecuteDeliberation(request(agents=1), timeout=30)
+                return reply, await heard.next_msg(timeout=30)
+            finally:
+                await nc.close()
+
+        reply, event = asyncio.run(submit_and_hear())  # the bridge published over TLS
+        assert reply.status == "submitted" and reply.deliberation_id, reply
+        assert json.loads(event.data)["deliberation_id"] == reply.deliberation_id
         assert "tls-secret" not in bridge.log.read_text()
     finally:
         server.stop()

@@ -18,11 +18,13 @@ import pytest
 import redis
 from redis.asyncio import Redis
 
+from core import dramatiq_internals
 from core.contract import AgentJob
 from core.settings import Settings
 from core.store import DeliberationStore
 from harness.standin_llm import run_in_thread
-from tests.worker.test_job_kinds import published
+from tests.nats_events import Recorder
+from tests.waiting import until
 from tests.workers import WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
@@ -94,6 +96,16 @@ async def submit(store: DeliberationStore, jobs: List[AgentJob], **options: Any)
     return deliberation_id
 
 
+def queued_or_running(settings: Settings) -> int:
+    """Messages of ``settings``' queue and delay queue not yet acked."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        return sum(client.hlen(dramatiq_internals.messages_key(queue)) for queue in
+                   (settings.queue, dramatiq_internals.delay_queue(settings.queue)))
+    finally:
+        client.close()
+
+
 async def wait_final(store: DeliberationStore, deliberation_id: str, timeout: float = 120
                      ) -> Any:
     deadline = time.monotonic() + timeout
@@ -136,6 +148,7 @@ def shared(redis_url: str, nats_url: str, ray_address: str,
     workers.stop()
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_429_storm_backs_off_honours_retry_after_and_completes(
         shared: Settings, standin: Standin) -> None:
     settings = shared
@@ -259,22 +272,24 @@ def test_cancelling_a_deliberation_stops_its_running_ray_tasks(
 
 
 def test_cancelling_skips_queued_jobs_and_publishes_cancelled_once(
-        shared: Settings, standin: Standin) -> None:
+        shared: Settings, standin: Standin, recorder: Recorder) -> None:
     settings = shared
 
     async def scenario(store: DeliberationStore) -> Any:
         # One slot for this deliberation's endpoint: one agent runs, two wait their turn.
         did = await three_slow_agents(store, standin, in_flight=1, concurrency_limit=1)
         assert await store.cancel(did, "no longer needed") == (True, "cancelled")
-        await asyncio.sleep(2.0)  # the waiting two come back from the limiter meanwhile
         return await wait_final(store, did)
 
     record, agents = run(settings, scenario)
     assert record["status"] == "cancelled"
     assert [a["status"] for a in agents] == ["cancelled"] * 3
+    # Once all three messages are acked (the waiting two came back from the limiter and were
+    # skipped), no job of the deliberation can call vLLM any more.
+    until(lambda: queued_or_running(settings) == 0, "the three messages handled")
     stats = standin.stats()
     assert stats["requests"] == 1, stats  # the two queued jobs never called vLLM
-    events = asyncio.run(published(settings.nats_url, record["id"], settle=8.0))  # lease: 5 s
+    events = recorder.final(record["id"], 2, settings)  # submitted, after its 5 s lease
     cancelled = [m for m in events if m.subject == "orchestration.deliberation.cancelled"]
     assert len(cancelled) == 1, [m.subject for m in events]
     body = json.loads(cancelled[0].data)
@@ -328,6 +343,7 @@ def test_the_request_rate_limit_spreads_calls_over_windows(
     assert max(starts) - min(starts) >= 1000, sorted(starts)
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_the_concurrency_limit_holds_across_four_processes(
         base: Any, standin: Standin, start_workers: Any) -> None:
     limit = 6
