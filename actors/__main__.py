@@ -1,4 +1,5 @@
-"""``python -m actors``: check the Ray cluster's versions, then run Dramatiq's worker.
+"""``python -m actors``: check the Ray cluster's versions, requeue what a named group's
+previous run held (``RAY_EXECUTOR_WORKER_ID``), then run Dramatiq's worker.
 
 A worker whose Python or Ray differs from the cluster's refuses to start (exit code 3) with
 a message naming both versions; an unreachable cluster only warns, since each process keeps
@@ -53,6 +54,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.warning("Ray not reachable yet (%s); starting anyway", exc)
     finally:
         connection.disconnect()
+    if settings.worker_id:
+        requeue_previous_run(settings)
     env = dict(os.environ)
     # Dramatiq's Prometheus middleware: our address and port (it would bind 0.0.0.0, even under
     # `ray-executor up`), and a multiprocess directory of this worker group's own (its default
@@ -65,6 +68,33 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = dramatiq_argv(settings)
     os.execve(args[0], args, env)
     return 0  # not reached
+
+
+def requeue_previous_run(settings: Settings) -> None:
+    """This group restarted under its name: its previous processes' unacked jobs go back to
+    the queue now, not after the heartbeat timeout. Redis unreachable: they still come back
+    that way."""
+    # Imported here, past the version check: that check must run (and name both versions)
+    # in an environment that has Ray and nothing else of ours.
+    import redis
+
+    from core import dramatiq_internals
+    from core.connections import connect_sync
+
+    try:
+        client = connect_sync(settings.redis_url)
+        try:
+            found = dramatiq_internals.requeue_previous(client, settings.worker_id,
+                                                        settings.queue)
+        finally:
+            client.close()
+    except redis.RedisError as exc:
+        logger.warning("could not requeue the previous run's jobs (%s); they come back after "
+                       "the heartbeat timeout", exc)
+        return
+    if found["processes"]:
+        logger.info("worker group %s restarted: %d unacked messages of %d previous processes "
+                    "requeued", settings.worker_id, found["messages"], found["processes"])
 
 
 def queue_prefetch(settings: Settings) -> int:

@@ -31,6 +31,7 @@ from dramatiq.middleware import (
 from actors.circuit import CircuitBreaker
 from actors.limits import ConcurrencyLimiter
 from actors.runtime import WorkerRuntime
+from core import dramatiq_internals
 from core.dramatiq_internals import PromptConsumer
 from core.keys import WAKE_CHANNEL
 from core.settings import Settings
@@ -117,5 +118,7 @@ def make_broker(settings: Settings) -> RedisBroker:
     broker = WorkerBroker(url=settings.redis_url, middleware=middleware,
                           heartbeat_timeout=settings.worker_heartbeat_timeout * 1000,
                           poll_ms=settings.worker_poll_ms)
+    if settings.worker_id:  # the group's restart finds this process's unacked messages
+        broker.broker_id = dramatiq_internals.process_id(settings.worker_id)
     broker.declare_queue(settings.queue)
     return broker

@@ -14,6 +14,9 @@ ray-executor goes past Dramatiq's public API in four places, each here:
 - The workers' heartbeat calls the broker's ``dispatch`` Lua script with a command it does
   not know, which refreshes the heartbeat and runs the requeue of dead workers' messages
   (``heartbeat``).
+- A named worker group's processes take Dramatiq worker ids under the group's name, and the
+  group, restarted, requeues what its previous processes held from their ack sets
+  (``process_id``, ``requeue_previous``).
 
 Any of these may change in another Dramatiq release without notice, and a silent change
 would lose messages: importing this module with a release not in ``SUPPORTED`` fails at once,
@@ -23,6 +26,7 @@ naming the release and what to do.
 from __future__ import annotations
 
 import threading
+import uuid
 from typing import Any, Dict, Optional
 
 import dramatiq
@@ -171,3 +175,50 @@ def heartbeat(broker: RedisBroker, queue: str, now_ms: int) -> None:
     broker.scripts["dispatch"](keys=[broker.namespace], args=[
         "heartbeat", now_ms, queue, broker.broker_id, broker.heartbeat_timeout,
         broker.dead_message_ttl, "1", 1000])
+
+
+# --- a named worker group's restart ----------------------------------------------------------
+
+# KEYS[1]: the namespace. ARGV[1]: the group's prefix, ARGV[2..]: the queues it consumes.
+# For every worker id in the heartbeat set under the prefix, as Dramatiq's maintenance does for
+# a dead worker: the unacked messages of each queue go back (to the front: they had started),
+# the ack sets go, and so does the heartbeat. Returns {processes, messages}.
+_REQUEUE_PREVIOUS = """
+local heartbeats = KEYS[1] .. ':__heartbeats__'
+local prefix = ARGV[1]
+local processes, messages = 0, 0
+for _, worker in ipairs(redis.call('zrange', heartbeats, 0, -1)) do
+  if string.sub(worker, 1, #prefix) == prefix then
+    processes = processes + 1
+    for i = 2, #ARGV do
+      local queue = KEYS[1] .. ':' .. ARGV[i]
+      local acks = KEYS[1] .. ':__acks__.' .. worker .. '.' .. ARGV[i]
+      for _, id in ipairs(redis.call('smembers', acks)) do
+        if redis.call('hexists', queue .. '.msgs', id) == 1 then
+          redis.call('lpush', queue, id)
+          messages = messages + 1
+        end
+      end
+      redis.call('del', acks)
+    end
+    redis.call('zrem', heartbeats, worker)
+  end
+end
+return {processes, messages}
+"""
+
+
+def process_id(worker_id: str) -> str:
+    """The Dramatiq worker id of one process of the group named ``worker_id``."""
+    return f"{worker_id}/{uuid.uuid4().hex}"
+
+
+def requeue_previous(client: redis.Redis, worker_id: str, queue: str) -> Dict[str, int]:
+    """Before the group named ``worker_id`` starts its processes: put back on ``queue`` and
+    its delay queue every message its previous processes fetched and never acked, at once
+    instead of after the heartbeat timeout. Any live process under that name would have its
+    jobs run twice, hence the name must be unique among live groups. Returns the counts of
+    ``processes`` and ``messages``."""
+    processes, messages = client.eval(_REQUEUE_PREVIOUS, 1, NAMESPACE, f"{worker_id}/",
+                                      queue, delay_queue(queue))
+    return {"processes": int(processes), "messages": int(messages)}

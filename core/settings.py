@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Mapping, Optional, Tuple
 
 PREFIX = "RAY_EXECUTOR_"
+# A worker group's name becomes part of Dramatiq's Redis keys (core.dramatiq_internals).
+WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")  # a pod name fits
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -189,6 +192,13 @@ class Settings:
         "Seconds without a heartbeat before a worker's unacked messages are requeued.",
         minimum=10,
     )
+    worker_id: str = _setting(
+        PREFIX + "WORKER_ID",
+        "",
+        "Stable name of this worker group, unique among live ones (the pod name): restarted "
+        "under the same name, it requeues at once the jobs its previous run held; empty: they "
+        "wait for RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT.",
+    )
     job_modules: Tuple[str, ...] = _setting(
         PREFIX + "JOB_MODULES",
         (),
@@ -295,6 +305,11 @@ class Settings:
         if self.log_format not in ("json", "text"):
             raise SettingsError(
                 f"{PREFIX}LOG_FORMAT: expected 'json' or 'text', got {self.log_format!r}"
+            )
+        if self.worker_id and not WORKER_ID.fullmatch(self.worker_id):
+            raise SettingsError(
+                f"{PREFIX}WORKER_ID: letters, digits, '.', '_' and '-' only (up to 253), "
+                f"got {self.worker_id!r}"
             )
         if bool(self.grpc_tls_cert) != bool(self.grpc_tls_key):
             raise SettingsError(

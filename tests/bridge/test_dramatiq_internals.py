@@ -117,3 +117,51 @@ def test_the_guard_runs_at_import() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("UnsupportedDramatiq") and "Dramatiq 1.19.0" in out
+
+
+def test_a_restarted_group_takes_back_what_its_previous_processes_held(redis_url: str) -> None:
+    """Real Dramatiq consumers fetch without acking, as a SIGKILLed process leaves them: the
+    group's restart puts its own processes' messages back first, and only theirs."""
+    queue = f"q{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+
+    def broker_of(group: str) -> RedisBroker:
+        broker = RedisBroker(url=redis_url)
+        broker.broker_id = dramatiq_internals.process_id(group)
+        broker.declare_queue(queue)
+        return broker
+
+    def fetch(broker: RedisBroker, count: int) -> List[str]:
+        consumer = broker.consume(queue, prefetch=count, timeout=100)
+        taken: List[str] = []
+        for message in consumer:  # Dramatiq registers each in the worker's ack set
+            if message is not None:
+                taken.append(message.message_id)
+            if len(taken) == count:
+                return taken
+        raise AssertionError("unreachable")
+
+    crashed = [broker_of("grp"), broker_of("grp")]
+    other, alike = broker_of("grp2"), broker_of("grp.1")  # other groups, similar names
+    sent = [crashed[0].enqueue(dramatiq.Message(
+        queue_name=queue, actor_name="noop", args=(i,), kwargs={}, options={})).message_id
+        for i in range(8)]
+    held = fetch(crashed[0], 2) + fetch(crashed[1], 2)
+    others = fetch(other, 1) + fetch(alike, 1)
+    assert held + others == sent[:6]
+
+    found = dramatiq_internals.requeue_previous(client, "grp", queue)
+
+    assert found == {"processes": 2, "messages": 4}
+    fresh = broker_of("grp")
+    assert sorted(fetch(fresh, 4)) == sorted(held), "the crashed processes' messages, first"
+    assert fetch(fresh, 2) == sent[6:]
+    heartbeats = {m.decode() for m in client.zrange(f"{dramatiq_internals.NAMESPACE}:"
+                                                    "__heartbeats__", 0, -1)}
+    assert not heartbeats & {b.broker_id for b in crashed}
+    for broker in (other, alike):  # untouched: still theirs
+        assert broker.broker_id in heartbeats
+        assert client.scard(f"dramatiq:__acks__.{broker.broker_id}.{queue}") == 1
+    assert dramatiq_internals.requeue_previous(client, "grp-none", queue) == {
+        "processes": 0, "messages": 0}
+    client.delete(*client.keys(f"dramatiq:*{queue}*"))

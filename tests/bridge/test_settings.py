@@ -41,6 +41,7 @@ def test_values_are_parsed_by_type() -> None:
         ("RAY_EXECUTOR_NATS_CREATE_STREAMS", "maybe", "expected a boolean"),
         ("RAY_EXECUTOR_GRPC_SHUTDOWN_GRACE", "soon", "expected a number"),
         ("RAY_EXECUTOR_LOG_FORMAT", "xml", "'json' or 'text'"),
+        ("RAY_EXECUTOR_WORKER_ID", "pod/0", "letters, digits"),  # '/' separates its processes
     ],
 )
 def test_a_bad_value_names_the_variable(name: str, value: str, expected: str) -> None:

@@ -50,10 +50,13 @@ DEPLOY = ROOT / "docs" / "deploy.md"
 # Settings the chart sets that the README's table may not list yet: the routes (issue 19).
 ROUTE_SETTINGS = {"RAY_EXECUTOR_ROUTES_FILE", "RAY_EXECUTOR_ROUTE"}
 # Settings the chart derives per route or from the default route (never in values' config).
-DERIVED = {"RAY_ADDRESS", "RAY_EXECUTOR_QUEUE", "VLLM_URL"} | ROUTE_SETTINGS
+# Settings each worker pod takes from the downward API (its own name), never from the ConfigMap.
+PER_POD = {"RAY_EXECUTOR_WORKER_ID"}
+DERIVED = {"RAY_ADDRESS", "RAY_EXECUTOR_QUEUE", "VLLM_URL"} | ROUTE_SETTINGS | PER_POD
 REQUIRED = {
     "bridge": {"REDIS_URL", "NATS_URL"},
-    "worker": {"REDIS_URL", "NATS_URL", "RAY_ADDRESS", "RAY_EXECUTOR_ROUTE"},
+    "worker": {"REDIS_URL", "NATS_URL", "RAY_ADDRESS", "RAY_EXECUTOR_ROUTE",
+               "RAY_EXECUTOR_WORKER_ID"},
     "dashboard": {"REDIS_URL"},
     "stream-init": {"NATS_URL"},
 }
@@ -541,6 +544,9 @@ def test_every_variable_is_a_readme_setting_that_parses(
         for name, item in env_of(container).items():
             if "value" in item:
                 env[name] = item["value"]
+            elif "fieldRef" in item["valueFrom"]:  # the downward API: the pod's name
+                assert item["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", where
+                env[name] = f"{doc['metadata']['name']}-7d9f8c6b5-x2x4q"
             else:
                 key = item["valueFrom"]["secretKeyRef"]["key"]
                 assert item["valueFrom"]["secretKeyRef"]["name"] == "ray-executor-secrets"
@@ -569,7 +575,8 @@ def test_every_variable_is_a_readme_setting_that_parses(
     values = values_of(tools, variant)["config"]
     assert not set(values) & DERIVED
     assert not set(config) & secrets
-    assert set(config) | secrets | {"RAY_EXECUTOR_ROUTE"} == set(readme) | ROUTE_SETTINGS
+    assert set(config) | secrets | {"RAY_EXECUTOR_ROUTE"} | PER_POD == \
+        set(readme) | ROUTE_SETTINGS
 
 
 # --- broken copies fail ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Faults on the worker side with real processes: the Ray head restarts mid-run, NATS
-restarts mid-run, workers are killed. Nothing is lost and no event is published twice."""
+restarts mid-run, workers are killed (and restarted under their name). Nothing is lost and no
+event is published twice."""
 
 from __future__ import annotations
 
@@ -194,6 +195,52 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
         ids_seen += msg_ids
     print(f"SIGKILL x2: 200 jobs, all completed {done:.1f}s after the last restart; "
           f"{len(ids_seen)} events, each once")
+
+
+def test_a_restarted_worker_group_takes_back_its_jobs_at_once(
+        redis_url: str, nats_url: str, ray_address: str, tmp_path: Path,
+        recorder: Recorder) -> None:
+    """SIGKILL of a named group (RAY_EXECUTOR_WORKER_ID) while its jobs run, then its restart
+    under the same name: the jobs run again at once. The heartbeat timeout (600 s) is past
+    every deadline here, so only the restart's requeue can bring them back."""
+    settings = fault_settings(redis_url, nats_url, ray_address).replace(
+        worker_id=f"crash-{uuid.uuid4().hex[:6]}", worker_heartbeat_timeout=600,
+        worker_processes=2, worker_threads=8)
+
+    async def agents(store: DeliberationStore, ids: List[str]) -> List[Dict]:
+        return [a for did in ids for a in (await store.get(did))[1]]  # type: ignore[index]
+
+    async def scenario() -> Tuple[List[str], float]:
+        redis = Redis.from_url(redis_url, decode_responses=True)
+        store = DeliberationStore(redis, settings)
+        ids = await submit_many(store, 3, 2, sleep="8")  # 6 jobs; one process can run all
+        workers = WorkerGroup.with_settings(settings, tmp_path / "workers-0.log")
+        try:
+            async def running() -> bool:
+                return sum(a["status"] == "running" for a in await agents(store, ids)) == 6
+            await until_async(running, "6 jobs running", timeout=120)
+            workers.kill()
+            workers = WorkerGroup.with_settings(settings, tmp_path / "workers-1.log")
+            restarted = time.monotonic()
+
+            async def started_again() -> bool:
+                return all(int(a["attempts"]) == 2 for a in await agents(store, ids))
+            await until_async(started_again, "every job started again", timeout=120)
+            rerun = time.monotonic() - restarted
+            final = await until_final(store, ids, timeout=120)
+            assert {record["status"] for record, _ in final.values()} == {"completed"}
+            assert [int(a["attempts"]) for a in await agents(store, ids)] == [2] * 6
+        finally:
+            workers.stop()
+            await redis.close()
+        return ids, rerun
+
+    ids, rerun = asyncio.run(scenario())
+    for did in ids:
+        msg_ids = [m.headers["Nats-Msg-Id"] for m in recorder.final(did, 4, settings)]
+        assert len(msg_ids) == len(set(msg_ids)) == 4, msg_ids
+    print(f"SIGKILL and restart under the same name: 6 jobs running again {rerun:.1f}s after "
+          "the restart")
 
 
 def test_sigterm_drains_running_jobs_and_requeues_the_rest(
