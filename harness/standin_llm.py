@@ -23,7 +23,8 @@ Pure asyncio: one coroutine per connection and no thread per request, so thousan
 requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` bodies only.
 Standard library only, Python 3.9 compatible (the worker-side tests run it too). The
 behaviour and the answers' bodies live in ``harness.standin_behaviour``, the HTTP/1.1 plumbing
-in ``harness.standin_http``::
+in ``harness.standin_http``; what stays here (the server, its control API and its command
+line, a little over 400 lines) is one unit that tests drive as a whole::
 
     python -m harness.standin_llm --port 8000 --latency 0.2
 """
