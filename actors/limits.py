@@ -80,8 +80,8 @@ class ConcurrencyLimiter(dramatiq.Middleware):
     def after_process_boot(self, broker: dramatiq.Broker) -> None:
         threading.Thread(target=self._renew, name="rx-limit-renew", daemon=True).start()
 
-    def before_process_stop(self, broker: dramatiq.Broker) -> None:
-        self._stop.set()
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        self._stop.set()  # every job has ended: no lease left to renew
 
     def before_process_message(self, broker: dramatiq.Broker, message: Any) -> None:
         actor = broker.get_actor(message.actor_name)

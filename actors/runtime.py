@@ -2,7 +2,7 @@
 the Ray client connection, and a broker heartbeat.
 
 ``WorkerRuntime`` is a Dramatiq middleware: it opens everything in ``after_process_boot``
-(after the fork, never at import) and closes it in ``before_process_stop``. Actor threads run
+(after the fork, never at import) and closes it in ``after_worker_shutdown``. Actor threads run
 async state and NATS code on the process's one loop (``run``), since nats-py and
 ``redis.asyncio`` objects are bound to the loop that created them.
 """
@@ -10,6 +10,7 @@ async state and NATS code on the process's one loop (``run``), since nats-py and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from cluster.kinds import KINDS
 from core import dramatiq_internals, tracing
 from core.connections import connect
 from core.contract import Subjects
+from core.keys import Keys
 from core.outbox import Outbox, attach_nats
 from core.settings import Settings
 from core.store import DeliberationStore
@@ -50,6 +52,7 @@ class WorkerRuntime(dramatiq.Middleware):
         self.outbox: Optional[Outbox] = None
         self.ray = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
         self.runners = RayRunners(self.ray)
+        self.keys = Keys(settings.key_prefix)
         self._stop = threading.Event()
         self._async_stop: Optional[asyncio.Event] = None
         self._threads: List[threading.Thread] = []
@@ -91,7 +94,9 @@ class WorkerRuntime(dramatiq.Middleware):
             except Exception as exc:  # the first job of the kind tries again
                 logger.warning("runner for %s not created at boot: %s", kind.name, exc)
 
-    def before_process_stop(self, broker: dramatiq.Broker) -> None:
+    def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
+        # Dramatiq 1.18 never emits ``process_stop``; this runs once the worker's threads have
+        # finished their jobs (the drain), before the broker closes.
         self._stop.set()
         if self.loop is not None and self._async_stop is not None:
             self.loop.call_soon_threadsafe(self._async_stop.set)
@@ -169,17 +174,32 @@ class WorkerRuntime(dramatiq.Middleware):
         queues = [self.settings.queue, dramatiq_internals.delay_queue(self.settings.queue)]
         while True:
             beating = True
-            for queue in queues:
-                try:
-                    dramatiq_internals.heartbeat(broker, queue, int(time.time() * 1000))
-                except Exception as exc:  # Redis down: the next beat tries again
-                    logger.warning("broker heartbeat failed: %s", exc)
-                    beating = False
-                    break
+            now_ms = int(time.time() * 1000)
+            try:
+                for queue in queues:
+                    dramatiq_internals.heartbeat(broker, queue, now_ms)
+                self._announce(broker, now_ms)
+            except Exception as exc:  # Redis down: the next beat tries again
+                logger.warning("broker heartbeat failed: %s", exc)
+                beating = False
             metrics.get().worker_ready.set(1 if beating else 0)
             metrics.get().ray_connected.set(1 if self.ray.connected else 0)
             if self._stop.wait(self.heartbeat_interval):
+                with contextlib.suppress(Exception):  # gone at once, not after the timeout
+                    broker.client.zrem(self.keys.workers(self.settings.queue), broker.broker_id)
                 return
+
+    def _announce(self, broker: RedisBroker, now_ms: int) -> None:
+        """List this process among the queue's live workers (``core.keys.Keys.workers``),
+        dropping those whose last beat is older than the heartbeat timeout; the list expires
+        with the last of them."""
+        key = self.keys.workers(self.settings.queue)
+        timeout_ms = self.settings.worker_heartbeat_timeout * 1000
+        with broker.client.pipeline(transaction=True) as pipe:
+            pipe.zadd(key, {broker.broker_id: now_ms})
+            pipe.zremrangebyscore(key, 0, now_ms - timeout_ms)
+            pipe.pexpire(key, timeout_ms)
+            pipe.execute()
 
 
 def _running_loop() -> Optional[asyncio.AbstractEventLoop]:

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from bridge.health import Watch, assess
 from bridge.ingress import Ingress
 from bridge.validation import InvalidRequest
 from core import contract, tracing
@@ -32,7 +33,6 @@ from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 logger = logging.getLogger("ray_executor.grpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RayExecutorService"].full_name
-DEGRADED_BACKLOG = 10_000  # ready messages beyond which the service reports "degraded"
 
 
 def _timestamp(ms: Any) -> Optional[Timestamp]:
@@ -65,12 +65,14 @@ def best_result(agents: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 class RayExecutorServicer(rpc.RayExecutorServiceServicer):
-    """Parameters: ingress (submission path), settings."""
+    """Parameters: ingress (submission path), settings, watch (the bridge's NATS connection,
+    for ``GetStatus``)."""
 
-    def __init__(self, ingress: Ingress, settings: Settings) -> None:
+    def __init__(self, ingress: Ingress, settings: Settings, watch: Watch) -> None:
         self.ingress = ingress
         self.store = ingress.store
         self.settings = settings
+        self.watch = watch
         self.started = time.monotonic()
 
     async def ExecuteDeliberation(self, request: pb.ExecuteDeliberationRequest,
@@ -131,15 +133,11 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         uptime = int(time.monotonic() - self.started)
-        try:
-            counts = await self.store.stats()
-        except StateUnavailable as exc:
-            return pb.GetStatusResponse(status="degraded", uptime_seconds=uptime,
-                                        message=str(exc))
-        healthy = counts["ready"] < DEGRADED_BACKLOG
-        response = pb.GetStatusResponse(
-            status="healthy" if healthy else "degraded", uptime_seconds=uptime,
-            message="" if healthy else f"{counts['ready']} messages waiting")
+        verdict, counts = await assess(self.store, self.settings, self.watch.nats)
+        response = pb.GetStatusResponse(status=verdict.status, uptime_seconds=uptime,
+                                        message=verdict.message)
+        if counts is None:
+            return response
         if request.include_stats:
             finished = counts.get("completed", 0) + counts.get("failed", 0)
             response.stats.CopyFrom(pb.RayExecutorStats(
@@ -234,14 +232,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return self._deny
 
 
-def build_server(ingress: Ingress, settings: Settings) -> tuple:
+def build_server(ingress: Ingress, settings: Settings, watch: Watch) -> tuple:
     """A configured (not yet started) server, its health servicer and the bound port."""
     interceptors = [TokenAuth(settings.grpc_token)] if settings.grpc_token else []
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", settings.max_request_bytes * 4 + 65536)],
     )
-    rpc.add_RayExecutorServiceServicer_to_server(RayExecutorServicer(ingress, settings), server)
+    rpc.add_RayExecutorServiceServicer_to_server(RayExecutorServicer(ingress, settings, watch),
+                                                server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

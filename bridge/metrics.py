@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from bridge.health import Health
 from core.connections import connect_sync
 from core.dramatiq_internals import queue_depths, unacked
 from core.keys import Keys
@@ -111,9 +112,12 @@ class QueueCollector:
         return {key[len(prefix):]: float(value or 0) for key, value in zip(names, values)}
 
 
-def serve(settings: Settings, healthy: Callable[[], bool]) -> Optional[ThreadingHTTPServer]:
+def serve(settings: Settings, health: Callable[[], Health]) -> Optional[ThreadingHTTPServer]:
     """Serve ``/metrics`` and ``/healthz`` on ``RAY_EXECUTOR_METRICS_PORT`` in a thread
-    (port 0 disables it). Returns the server (``shutdown()`` stops it)."""
+    (port 0 disables it). ``/healthz`` answers ``ok`` (200) or ``degraded: <reasons>`` (503)
+    from ``health()``, the bridge's latest verdict (``bridge.health``); the chart's probes use
+    gRPC health instead, which follows the bridge alone. Returns the server (``shutdown()``
+    stops it)."""
     if not settings.metrics_port:
         return None
     REGISTRY.register(QueueCollector(settings))  # type: ignore[arg-type]
@@ -123,9 +127,10 @@ def serve(settings: Settings, healthy: Callable[[], bool]) -> Optional[Threading
             if self.path.startswith("/metrics"):
                 body, status, kind = generate_latest(REGISTRY), 200, CONTENT_TYPE_LATEST
             elif self.path.startswith("/healthz"):
-                ok = healthy()
-                body, status, kind = (b"ok\n" if ok else b"unhealthy\n"), (200 if ok else 503), \
-                    "text/plain"
+                verdict = health()
+                body = b"ok\n" if not verdict.reasons else \
+                    f"degraded: {verdict.message}\n".encode()
+                status, kind = (503 if verdict.reasons else 200), "text/plain; charset=utf-8"
             else:
                 body, status, kind = b"not found\n", 404, "text/plain"
             self.send_response(status)

@@ -11,7 +11,10 @@ import asyncio
 import logging
 from typing import Callable, List, Optional
 
+from nats.aio.client import Client as NATS
+
 from bridge.grpc_server import build_server, mark_serving
+from bridge.health import Watch
 from bridge.ingress import Ingress
 from bridge.metrics import serve as serve_metrics
 from bridge.nats_ingress import NatsIngress
@@ -37,8 +40,9 @@ async def run(settings: Settings, stop: asyncio.Event,
     ingress = Ingress(store, settings, outbox)
     # /metrics listens before the gRPC port is bound: whoever waits for that port (tests,
     # `ray-executor up`) may scrape right away.
-    metrics = serve_metrics(settings, healthy=lambda: True)
-    server, health, port = build_server(ingress, settings)
+    watch = Watch(store, settings)
+    metrics = serve_metrics(settings, health=lambda: watch.latest)
+    server, health, port = build_server(ingress, settings, watch)
     await server.start()
     await mark_serving(health, True)
     logger.info("gRPC listening on %s:%d", settings.grpc_host, port)
@@ -46,10 +50,16 @@ async def run(settings: Settings, stop: asyncio.Event,
         on_ready(port)
 
     consumer = NatsIngress(ingress, settings, outbox.subjects) if settings.nats_ingress else None
-    tasks: List[asyncio.Task] = [asyncio.ensure_future(outbox.run(stop))]
+
+    async def connected(nc: NATS) -> None:
+        watch.nats = nc
+        if consumer is not None:
+            await consumer.start(nc)
+
+    tasks: List[asyncio.Task] = [asyncio.ensure_future(outbox.run(stop)),
+                                 asyncio.ensure_future(watch.run(stop))]
     nats_task = asyncio.ensure_future(attach_nats(
-        settings, outbox, "ray-executor-bridge", stop,
-        on_connected=consumer.start if consumer is not None else None))
+        settings, outbox, "ray-executor-bridge", stop, on_connected=connected))
     try:
         await stop.wait()
     finally:

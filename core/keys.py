@@ -29,6 +29,11 @@ class Keys:
         self.circuits = f"{prefix}:circuit"
         self.limits = f"{prefix}:limit"
 
+    def workers(self, queue: str) -> str:
+        """Zset: id of each worker process serving ``queue`` -> ms of its last heartbeat
+        (``GetStatus`` counts the live ones)."""
+        return f"{self.prefix}:workers:{queue}"
+
     # --- one deliberation ---
 
     def deliberation(self, deliberation_id: str) -> str:

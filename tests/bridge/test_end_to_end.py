@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import nats
 import pytest
@@ -15,7 +18,9 @@ import pytest
 from bridge.client import RayExecutorClient
 from harness.servers import free_port
 from harness.standin_llm import run_in_thread
+from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess
+from tests.waiting import until
 from tests.workers import WorkerGroup
 
 AGENT_FIELDS = {"task_id", "deliberation_id", "agent_id", "role", "proposal", "status",
@@ -80,6 +85,7 @@ async def collect(nats_url: str, deliberation_id: str, count: int, timeout: floa
     return found
 
 
+@pytest.mark.slow  # about a minute on 2 cores
 def test_three_agents_across_python_versions(start_bridge: Any, start_worker: Any,
                                              standin: Any, nats_url: str) -> None:
     bridge = start_bridge(VLLM_URL=standin.url, VLLM_MODEL="standin-model")
@@ -123,3 +129,37 @@ def test_three_agents_across_python_versions(start_bridge: Any, start_worker: An
                 assert body["duration_ms"] > 0 and body["timestamp"].endswith("Z")
 
     asyncio.run(scenario())
+
+
+def test_status_is_degraded_without_a_live_worker_and_healthy_with_one(
+        start_bridge: Any, start_worker: Any) -> None:
+    """GetStatus and /healthz name what is missing: no worker on the queue, then one starts
+    (healthy), then it stops (degraded again at once: a stopping worker leaves the list, long
+    before the heartbeat timeout of 120 s here)."""
+    bridge = start_bridge(RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT="120")
+    stub = bridge.stub()
+    healthz = f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz"
+
+    def verdict(want: str, message: str = "") -> Optional[Tuple[str, int]]:
+        """GetStatus's message and /healthz's status code, once GetStatus says ``want`` (and
+        only ``message`` when given: NATS may still be connecting at first) and /healthz says
+        the same (it is renewed every 5 s)."""
+        status = stub.GetStatus(pb.GetStatusRequest())
+        try:
+            with urllib.request.urlopen(healthz, timeout=10) as answer:
+                code, body = answer.status, answer.read().decode()
+        except urllib.error.HTTPError as refused:
+            code, body = refused.code, refused.read().decode()
+        same = "ok\n" if status.status == "healthy" else f"degraded: {status.message}\n"
+        if status.status != want or body != same or message not in ("", status.message):
+            return None
+        return status.message, code
+
+    alone = f"no live worker on queue '{bridge.queue}' (none beat in the last 120 s): jobs wait"
+    assert until(lambda: verdict("degraded", alone), "degraded without a worker") == (alone, 503)
+    worker = start_worker(bridge)
+    assert until(lambda: verdict("healthy"), "healthy with a worker", timeout=180) == ("", 200)
+    worker.process.send_signal(signal.SIGTERM)  # to Dramatiq's master, as Kubernetes does
+    assert worker.process.wait(60) == 0
+    message, code = until(lambda: verdict("degraded"), "degraded once it stopped")
+    assert "no live worker" in message and code == 503

@@ -67,7 +67,8 @@ def test_mutual_tls(start_bridge: Any, tmp_path: Path) -> None:
         async with RayExecutorClient(bridge.address, tls_ca=pki["ca.pem"],
                                      tls_cert=pki["client.pem"],
                                      tls_key=pki["client.key"]) as client:
-            assert (await client.service_status()).status == "healthy"
+            answer = await client.service_status()  # no worker here: degraded, saying so
+            assert answer.status == "degraded" and "no live worker" in answer.message, answer
         async with RayExecutorClient(bridge.address, tls_ca=pki["ca.pem"], timeout=5) as client:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await client.service_status()
@@ -123,7 +124,8 @@ def test_a_client_generated_from_the_proto_alone(bridge: Any, tmp_path: Path) ->
             deliberation_id=r.deliberation_id))
         assert st.status == "queued" and st.error_message == "", st
         g = stub.GetStatus(m.GetStatusRequest(include_stats=True))
-        assert g.status == "healthy" and g.stats.total_deliberations >= 1, g
+        assert g.status == "degraded" and "no live worker" in g.message, g  # none started
+        assert g.stats.total_deliberations >= 1, g
         jobs = stub.GetActiveJobs(m.GetActiveJobsRequest()).jobs
         j = [j for j in jobs if j.submission_id == r.deliberation_id][0]
         assert (j.role, j.task_id, j.status) == ("QA", "proto-only", "queued"), j

@@ -6,10 +6,12 @@ import contextlib
 import re
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import dramatiq
 import grpc
+import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
 
@@ -53,9 +55,12 @@ def test_queue_depth_and_counters_move(bridge: BridgeProcess, redis_url: str) ->
 
     done = run_stock_worker(RedisBroker(url=redis_url, middleware=[]), bridge.queue, 6)
     assert len(done) == 6 and depth(scrape(bridge)) == 0
-    healthz = urllib.request.urlopen(
-        f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz").read()
-    assert healthz == b"ok\n"
+    # A stock worker is not one of ours (none on the queue's list): degraded, saying why.
+    with pytest.raises(urllib.error.HTTPError) as healthz:
+        urllib.request.urlopen(
+            f"http://127.0.0.1:{bridge.env['RAY_EXECUTOR_METRICS_PORT']}/healthz")
+    assert healthz.value.code == 503
+    assert b"no live worker on queue" in healthz.value.read()
 
 
 def test_delayed_depth_counts_what_a_worker_holds(bridge: BridgeProcess, redis_url: str) -> None:
