@@ -28,11 +28,9 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import tomllib
@@ -40,6 +38,10 @@ import tomllib
 from bridge import cli
 from core.settings import Settings, SettingsError, documented
 from harness import servers
+from tests.deploy import tooling
+from tests.deploy.tooling import load_yaml, run, tools_bin
+
+fake_metrics = tooling.fake_metrics  # a /metrics page for the health check commands
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose" / "compose.yaml"
@@ -77,55 +79,13 @@ Doc = Dict[str, Any]
 
 @pytest.fixture(scope="session")
 def tools() -> Path:
-    value = os.environ.get(TOOLS_ENV, "")
-    if not value:
-        pytest.fail(f"{TOOLS_ENV} is not set: it must name the bin/ folder of the validation "
-                    "tools environment (`make .venv-tools/.installed` makes it; `make test` "
-                    "sets the variable)")
-    path = Path(value)
-    missing = [tool for tool in TOOLS if not (path / tool).exists()]
-    if missing:
-        pytest.fail(f"{TOOLS_ENV}={value} lacks {', '.join(missing)}")
-    return path
+    return tools_bin(TOOLS)
 
 
-def run(args: List[str], *, input: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-        cwd: Optional[Path] = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(a) for a in args], input=input, capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=timeout, check=False)
-
-
-# YAML is parsed by the tools environment's PyYAML (the test environment has no YAML parser);
-# many texts go through one process.
-_LOAD_YAML = """
-import json, sys, yaml
-texts = json.load(sys.stdin)
-json.dump([[d for d in yaml.safe_load_all(t) if d is not None] for t in texts], sys.stdout)
-"""
-
-
-def load_yaml(tools: Path, *texts: str) -> List[List[Doc]]:
-    result = run([tools / "python", "-c", _LOAD_YAML], input=json.dumps(list(texts)))
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
 
 
 def checkov(tools: Path, out: Path, *folders: Path) -> Dict[str, Any]:
-    """Run checkov offline on ``folders``; returns {check_type: report}."""
-    env = dict(os.environ, BC_SKIP_MAPPING="TRUE", CKV_SKIP_PACKAGE_UPDATE_CHECK="true",
-               CKV_PARSE_ERROR_FAIL="true", LOG_LEVEL="WARNING")
-    args: List[Any] = [tools / "checkov", "--skip-download", "--compact",
-                       "--framework", "dockerfile",
-                       "-o", "json", "--output-file-path", out]
-    for folder in folders:
-        args += ["-d", folder]
-    result = run(args, env=env, timeout=300)
-    report = out / "results_json.json"
-    assert report.exists(), \
-        f"checkov wrote no report:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-    data = json.loads(report.read_text())
-    reports = data if isinstance(data, list) else [data]
-    return {r["check_type"]: r for r in reports}
+    return tooling.checkov(tools, out, *folders, framework="dockerfile")
 
 
 def compose_problems(tools: Path, path: Path) -> str:
@@ -436,29 +396,6 @@ def test_stream_init_command_creates_the_streams(compose: Doc, nats_url: str) ->
                                        "ORCHESTRATOR_EVENTS": ["orchestration.>"]}
 
 
-class _Metrics(BaseHTTPRequestHandler):
-    body = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_metrics() -> Iterator[Tuple[int, Callable[[str], None]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def serve(text: str) -> None:
-        _Metrics.body = text.encode()
-
-    yield server.server_address[1], serve
-    server.shutdown()
 
 
 def worker_check(compose: Doc) -> List[str]:

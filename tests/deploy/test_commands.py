@@ -7,41 +7,20 @@ import asyncio
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from http.server import ThreadingHTTPServer
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 
-from tests.deploy.tooling import Doc, component, env_of, kinds
+from tests.deploy import tooling
+from tests.deploy.tooling import Doc, MetricsPage, component, env_of, kinds
+
+fake_metrics = tooling.fake_metrics
 
 # A probe command and the stream script run with the interpreter running the tests (the
 # bridge image's Python has the same standard library and nats-py).
 
 
-class _Metrics(BaseHTTPRequestHandler):
-    body = b""
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def fake_metrics() -> Iterator[Tuple[int, Callable[[str], None]]]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-
-    def serve(text: str) -> None:
-        _Metrics.body = text.encode()
-
-    yield server.server_address[1], serve
-    server.shutdown()
 
 
 def readiness_command(rendered: Dict[str, List[Doc]]) -> List[str]:
@@ -79,7 +58,7 @@ def test_worker_readiness_follows_the_broker_not_ray(
 def test_worker_readiness_fails_when_nothing_serves_metrics(
         rendered: Dict[str, List[Doc]]) -> None:
     command = readiness_command(rendered)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
     port = server.server_address[1]
     server.server_close()
     env = dict(os.environ, RAY_EXECUTOR_METRICS_PORT=str(port))

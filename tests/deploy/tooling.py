@@ -12,8 +12,10 @@ import json
 import os
 import re
 import subprocess
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -44,14 +46,15 @@ CRDS = {
 Doc = Dict[str, Any]
 
 
-def tools_bin() -> Path:
+def tools_bin(needed: Sequence[str] = TOOLS) -> Path:
+    """The validation tools environment's bin/ folder, holding every tool ``needed``."""
     value = os.environ.get(TOOLS_ENV, "")
     if not value:
         pytest.fail(f"{TOOLS_ENV} is not set: it must name the bin/ folder of the validation "
                     "tools environment (`make .venv-tools/.installed` makes it; `make test` "
                     "sets the variable)")
     path = Path(value)
-    missing = [tool for tool in TOOLS if not (path / tool).exists()]
+    missing = [tool for tool in needed if not (path / tool).exists()]
     if missing:
         pytest.fail(f"{TOOLS_ENV}={value} lacks {', '.join(missing)}")
     return path
@@ -158,12 +161,13 @@ def validate(tools: Path, docs: List[Tuple[str, Doc]],
     return json.loads(result.stdout)
 
 
-def checkov(tools: Path, out: Path, *folders: Path) -> Dict[str, Any]:
-    """Run checkov offline on ``folders``; returns {check_type: report}."""
+def checkov(tools: Path, out: Path, *folders: Path, framework: str = "kubernetes"
+            ) -> Dict[str, Any]:
+    """Run checkov offline on ``folders`` with ``framework``; returns {check_type: report}."""
     env = dict(os.environ, BC_SKIP_MAPPING="TRUE", CKV_SKIP_PACKAGE_UPDATE_CHECK="true",
                CKV_PARSE_ERROR_FAIL="true", LOG_LEVEL="WARNING")
     args: List[Any] = [tools / "checkov", "--skip-download", "--compact",
-                       "--framework", "kubernetes", "-o", "json", "--output-file-path", out]
+                       "--framework", framework, "-o", "json", "--output-file-path", out]
     for folder in folders:
         args += ["-d", folder]
     result = run(args, env=env)
@@ -229,3 +233,32 @@ def readme_settings() -> Dict[str, str]:
     text = (ROOT / "README.md").read_text()
     rows = re.findall(r"^\| `([A-Z][A-Z0-9_]+)` \| (.*?) \|", text, flags=re.M)
     return {name: default.strip("`") if default != "(empty)" else "" for name, default in rows}
+
+
+# --- a /metrics page for the probe commands -----------------------------------------------
+
+class MetricsPage(BaseHTTPRequestHandler):
+    """Serves ``body`` on every GET: a stand-in for a /metrics page a probe command reads."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_metrics() -> Iterator[Tuple[int, Callable[[str], None]]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def serve(text: str) -> None:
+        MetricsPage.body = text.encode()
+
+    yield server.server_address[1], serve
+    server.shutdown()
