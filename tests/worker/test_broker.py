@@ -1,13 +1,13 @@
 """The workers' broker settings: how far ahead a process reserves jobs, how long an idle
-consumer may pause between polls, how soon a full prefetch is refilled, and how an idle
-consumer wakes when a submit announces its queue (real valkey)."""
+consumer may pause between polls, and that an ack refills a full prefetch and a submit wakes an
+idle consumer, rather than their next poll (real valkey)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 import uuid
+from typing import List, Optional
 
 import dramatiq
 
@@ -15,8 +15,10 @@ from actors.__main__ import queue_prefetch
 from actors.broker import WorkerBroker
 from core.connections import connect
 from core.contract import AgentJob
+from core.keys import WAKE_CHANNEL
 from core.settings import Settings
 from core.store import DeliberationStore, new_deliberation_id
+from tests.waiting import until
 
 
 def test_prefetch_is_the_process_share_of_the_vllm_limit() -> None:
@@ -27,6 +29,24 @@ def test_prefetch_is_the_process_share_of_the_vllm_limit() -> None:
     assert queue_prefetch(Settings(vllm_concurrency=64, worker_prefetch=5)) == 5  # explicit
 
 
+class WatchedEvent(threading.Event):
+    """A consumer's ``threading.Event`` that records each wait: how long it was allowed to
+    last, and whether a ``set`` ended it (a wake-up) rather than the timeout (a poll)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timeouts: List[Optional[float]] = []
+        self.woken: List[bool] = []
+        self.entered = threading.Event()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self.timeouts.append(timeout)
+        self.entered.set()
+        woken = super().wait(timeout)
+        self.woken.append(woken)
+        return woken
+
+
 def test_an_idle_consumer_polls_at_most_every_poll_ms(redis_url: str) -> None:
     broker = WorkerBroker(url=redis_url, poll_ms=100, middleware=[])
     queue = f"q{uuid.uuid4().hex[:8]}"
@@ -34,59 +54,61 @@ def test_an_idle_consumer_polls_at_most_every_poll_ms(redis_url: str) -> None:
     try:
         consumer = broker.consume(queue, prefetch=1, timeout=1000)  # Dramatiq's default
         assert consumer.timeout == 100
-        pauses = []
+        consumer._woken = pause = WatchedEvent()  # what its idle pause waits on
         for _ in range(12):  # the backoff grows with every empty fetch
-            started = time.monotonic()
             assert next(consumer) is None
-            pauses.append(time.monotonic() - started)
-        assert max(pauses) < 0.2, pauses
+        assert len(pause.timeouts) == 12 and max(pause.timeouts) <= 0.1, pause.timeouts
     finally:
         broker.close()
 
 
+# A poll far longer than any wake-up takes: a wait that a wake-up ended says so (``woken``).
+LONG_POLL_MS = 60_000
+
+
 def test_a_full_prefetch_is_refilled_as_soon_as_a_job_is_acked(redis_url: str) -> None:
-    broker = WorkerBroker(url=redis_url, poll_ms=1000, middleware=[])
+    broker = WorkerBroker(url=redis_url, poll_ms=LONG_POLL_MS, middleware=[])
     queue = f"q{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
     for _ in range(3):
         broker.enqueue(dramatiq.Message(queue_name=queue, actor_name="a", args=(), kwargs={},
                                         options={}))
     try:
-        consumer = broker.consume(queue, prefetch=1, timeout=1000)
+        consumer = broker.consume(queue, prefetch=1, timeout=LONG_POLL_MS)
         first = next(consumer)
         assert first is not None
-        consumer.misses = 20  # long idle: Dramatiq's own backoff would now pause 0.5-1 s
-        threading.Timer(0.05, consumer.ack, args=(first,)).start()
-        started = time.monotonic()
-        while True:  # full: each call waits for room (or the 1 s poll), then fetches
-            second = next(consumer)
-            if second is not None:
-                break
-        waited = time.monotonic() - started
-        assert second.message_id != first.message_id
-        assert waited < 0.3, f"refilled {waited:.2f}s after the ack, not at once"
+        consumer._room = room = WatchedEvent()  # what a full prefetch waits on
+        ack = threading.Thread(target=lambda: room.entered.wait(60) and consumer.ack(first))
+        ack.start()
+        assert next(consumer) is None  # full: waits for room, then returns to move delays
+        second = next(consumer)
+        ack.join()
+        assert room.woken == [True], "the wait for room ended by the ack, not by its timeout"
+        assert second is not None and second.message_id != first.message_id
     finally:
         broker.close()
 
 
 def test_an_idle_consumer_wakes_when_a_submit_announces_its_queue(redis_url: str) -> None:
-    broker = WorkerBroker(url=redis_url, poll_ms=2000, middleware=[])
+    broker = WorkerBroker(url=redis_url, poll_ms=LONG_POLL_MS, middleware=[])
     queue = f"q{uuid.uuid4().hex[:8]}"
     broker.declare_queue(queue)
     settings = Settings(redis_url=redis_url, queue=queue, key_prefix=f"t{queue}")
     try:
-        consumer = broker.consume(queue, prefetch=1, timeout=2000)
-        consumer.misses = 20  # long idle: without a wake-up it sleeps up to 2 s per poll
-        assert next(consumer) is None
-        started = time.monotonic()
-        threading.Timer(0.3, submit_one, args=(settings,)).start()
-        while True:
-            message = next(consumer)
-            if message is not None:
-                break
-        waited = time.monotonic() - started - 0.3
-        assert message.kwargs["agent_id"] == "agent-0"
-        assert waited < 0.25, f"picked up {waited:.2f}s after the submit, not at once"
+        subscribers = broker.client.pubsub_numsub(WAKE_CHANNEL)[0][1]
+        consumer = broker.consume(queue, prefetch=1, timeout=LONG_POLL_MS)
+        until(lambda: broker.client.pubsub_numsub(WAKE_CHANNEL)[0][1] > subscribers,
+              "the broker's wake-up subscription")
+        consumer.misses = 20  # long idle: the pause is now most of the 60 s poll
+        consumer._woken = pause = WatchedEvent()
+        submit = threading.Thread(
+            target=lambda: pause.entered.wait(60) and submit_one(settings))
+        submit.start()
+        assert next(consumer) is None  # nothing yet: sleeps until the submit wakes it
+        message = next(consumer)
+        submit.join()
+        assert pause.woken == [True], "the idle pause ended by the wake-up, not by its timeout"
+        assert message is not None and message.kwargs["agent_id"] == "agent-0"
     finally:
         broker.close()
 
