@@ -23,6 +23,7 @@ from core.errors import LLMError
 from harness.servers import free_port
 from harness.standin_behaviour import MARKER
 from harness.standin_llm import StandinThread, run_in_thread
+from tests.waiting import until, until_async
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +146,19 @@ def test_reset_is_connection(llm: StandinThread) -> None:
 
 
 def test_hang_times_out_and_closes_the_request(llm: StandinThread) -> None:
-    llm.control(hang=True)
-    started = time.monotonic()
-    error = failure(llm.url, make_job(), timeout=0.5)
-    assert 0.4 < time.monotonic() - started < 5
-    assert (error.error_type, error.retryable) == ("timeout", True)
-    deadline = time.monotonic() + 5
-    while llm.stats()["cancelled"] < 1:  # the stand-in saw the request go away
-        assert time.monotonic() < deadline, llm.stats()
-        time.sleep(0.02)
+    llm.control(hang=True)  # never answers: only the call's own timeout ends it
+
+    async def hung_call() -> Dict[str, Any]:
+        async with aiohttp.ClientSession() as session:
+            # The test's generous deadline: a TimeoutError here means the 0.5 s was ignored.
+            return await asyncio.wait_for(
+                call_vllm(session, make_job(), base_url=llm.url, timeout=0.5), 60)
+
+    with pytest.raises(LLMError) as info:
+        asyncio.run(hung_call())
+    assert (info.value.error_type, info.value.retryable) == ("timeout", True)
+    until(lambda: llm.stats()["cancelled"] == 1, "the stand-in seeing the request go away")
+    assert llm.stats()["completed"] == 0
 
 
 def test_cancelling_the_task_closes_the_request(llm: StandinThread) -> None:
@@ -163,17 +168,13 @@ def test_cancelling_the_task_closes_the_request(llm: StandinThread) -> None:
         async with aiohttp.ClientSession() as session:
             task = asyncio.ensure_future(
                 call_vllm(session, make_job(), base_url=llm.url, timeout=60))
-            while llm.stats()["in_flight"] < 1:
-                await asyncio.sleep(0.02)
+            await until_async(lambda: llm.stats()["in_flight"] == 1, "the request in flight")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
 
     asyncio.run(run())
-    deadline = time.monotonic() + 5
-    while llm.stats()["cancelled"] < 1:
-        assert time.monotonic() < deadline, llm.stats()
-        time.sleep(0.02)
+    until(lambda: llm.stats()["cancelled"] == 1, "the stand-in seeing the request go away")
 
 
 def test_connection_refused() -> None:
