@@ -10,7 +10,7 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence
 
 from core.settings import Settings
 from harness.servers import free_port
@@ -37,12 +37,14 @@ def worker_settings(redis_url: str, nats_url: str, ray_address: str,
 class WorkerGroup:
     """``python -m actors`` with ``env``, in a session of its own (signals reach every
     process of the group), its output appended to ``log``. ``python`` defaults to the worker
-    environment's interpreter (``tests.conftest.worker_python``)."""
+    environment's interpreter (``tests.conftest.worker_python``); ``command`` replaces
+    ``python -m actors`` (e.g. the ``ray-executor worker`` the containers run)."""
 
-    def __init__(self, env: Mapping[str, str], log: Path, python: Optional[str] = None) -> None:
+    def __init__(self, env: Mapping[str, str], log: Path, python: Optional[str] = None,
+                 command: Sequence[str] = ()) -> None:
         self.env: Dict[str, str] = dict(env)
         self.log = log
-        self.python = python or worker_python()
+        self.command = list(command) or [python or worker_python(), "-m", "actors"]
         self.process = self.start()
 
     @classmethod
@@ -56,7 +58,7 @@ class WorkerGroup:
         return self.process.pid
 
     def start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen([self.python, "-m", "actors"], env=self.env,
+        return subprocess.Popen(self.command, env=self.env,
                                 stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 

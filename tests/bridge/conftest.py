@@ -3,22 +3,29 @@ key prefix and queue so tests sharing one Redis do not see each other's work."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 import threading
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import dramatiq
 import grpc
+import nats
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
+from core.contract import Subjects
+from core.settings import Settings
 from harness import servers
+from harness.standin_llm import StandinThread, run_in_thread
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
+from tests.workers import WorkerGroup
 
 CLI = str(Path(sys.executable).parent / "ray-executor")
 
@@ -67,9 +74,64 @@ def start_bridge(redis_url: str, nats_url: str, tmp_path: Path
             bridge.stop()
 
 
+class Channel:
+    """One test's stream, subjects and durable consumer (as bridge environment)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.tag = tag
+        self.stream = f"CMD_{tag}"
+        self.consumer = f"ingress-{tag}"
+        self.env = {"RAY_EXECUTOR_NATS_COMMANDS_PREFIX": f"t{tag}.cmd",
+                    "RAY_EXECUTOR_NATS_COMMANDS_STREAM": self.stream,
+                    "RAY_EXECUTOR_NATS_CONSUMER": self.consumer}
+        self.subjects = Subjects(Settings.from_env(self.env))
+
+
+@pytest.fixture
+def channel(nats_url: str) -> Iterator[Channel]:
+    chan = Channel()
+    yield chan
+
+    async def delete() -> None:
+        nc = await nats.connect(nats_url)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(chan.stream)
+        await nc.close()
+
+    asyncio.run(delete())
+
+
 @pytest.fixture
 def bridge(start_bridge: Callable[..., BridgeProcess]) -> BridgeProcess:
     return start_bridge()
+
+
+@pytest.fixture
+def standin() -> Iterator[StandinThread]:
+    server = run_in_thread(latency=0.2, model="standin-model")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def start_worker(ray_address: str, tmp_path: Path) -> Iterator[Callable[..., WorkerGroup]]:
+    started: List[WorkerGroup] = []
+
+    def start(bridge: BridgeProcess, command: Sequence[str] = (), **overrides: str
+              ) -> WorkerGroup:
+        env = dict(bridge.env, RAY_ADDRESS=ray_address, RAY_EXECUTOR_WORKER_PROCESSES="1",
+                   RAY_EXECUTOR_WORKER_THREADS="8",
+                   RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()))
+        env.update(overrides)
+        env.pop("VIRTUAL_ENV", None)
+        worker = WorkerGroup(env, tmp_path / f"worker-{len(started)}.log", command=command)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(kill_on_timeout=True)
 
 
 def request(task_id: str = "", agents: object = 3, **fields: object

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import inspect
 import json
 import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 import nats
 import pytest
@@ -27,45 +26,20 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bridge import nats_ingress
+from bridge.ingress import Ingress
 from bridge.nats_ingress import NatsIngress
+from core.connections import connect
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.outbox import ensure_streams
 from core.settings import Settings
+from core.store import DeliberationStore
 from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
-from tests.bridge.conftest import BridgeProcess, request
+from tests.bridge.conftest import BridgeProcess, Channel, request
 from tests.bridge.test_grpc_api import queued
 
 Publish = Tuple[bytes, Dict[str, str]]
-
-
-class Channel:
-    """One test's stream, subjects and durable consumer (as bridge environment)."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.tag = tag
-        self.stream = f"CMD_{tag}"
-        self.consumer = f"ingress-{tag}"
-        self.env = {"RAY_EXECUTOR_NATS_COMMANDS_PREFIX": f"t{tag}.cmd",
-                    "RAY_EXECUTOR_NATS_COMMANDS_STREAM": self.stream,
-                    "RAY_EXECUTOR_NATS_CONSUMER": self.consumer}
-        self.subjects = Subjects(Settings.from_env(self.env))
-
-
-@pytest.fixture
-def channel(nats_url: str) -> Iterator[Channel]:
-    chan = Channel()
-    yield chan
-
-    async def delete() -> None:
-        nc = await nats.connect(nats_url)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(chan.stream)
-        await nc.close()
-
-    asyncio.run(delete())
 
 
 def as_json(req: pb.ExecuteDeliberationRequest, camel: bool = False) -> bytes:
@@ -461,3 +435,48 @@ def test_slow_enqueue_is_kept_in_progress_and_retries_are_bounded(
     entry = json.loads(letters[0].data)
     assert entry["reason"] == "gave up after 2 deliveries: Redis unavailable: test"
     assert entry["delivered"] == 2 and len(letters) == 1
+
+
+def test_redis_down_past_max_deliver_dead_letters_and_loses_nothing_else(
+        channel: Channel, nats_url: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real submission path (``Ingress`` and its store) with valkey really stopped: the
+    request is delivered ``MAX_DELIVER`` times, then dead-lettered with Redis's error; once
+    valkey is back, the next request is accepted and queued."""
+    for name, value in dict(MAX_DELIVER=3, NAK_DELAY=0.1).items():
+        monkeypatch.setattr(nats_ingress, name, value)
+    valkey = servers.valkey(tmp_path, appendonly=True).start()
+    settings = Settings.from_env(dict(channel.env, NATS_URL=nats_url, REDIS_URL=valkey.url))
+    lost, kept = request(agents=2), request(agents=3)
+
+    async def body(nc: NATS, js: JetStreamContext) -> Tuple[Dict[str, int], List[Any]]:
+        await ensure_streams(js, channel.subjects)
+        ingress = Ingress(DeliberationStore(connect(valkey.url), settings), settings)
+        consumer = NatsIngress(ingress, settings, channel.subjects)
+        await consumer.start(nc)
+        try:
+            await consumer_ready(js, channel)
+            valkey.stop()
+            await js.publish(channel.subjects.deliberate, as_json(lost))
+            letters = await dead_letters(js, channel, 1, timeout=60)
+            valkey.start()
+            await js.publish(channel.subjects.deliberate, as_json(kept))
+            await settled(js, channel)
+            return dict(consumer.counts), letters
+        finally:
+            await consumer.stop()
+
+    try:
+        counts, letters = with_nats(nats_url, body)
+        client = redis.Redis.from_url(valkey.url)
+        queued_task_ids = [json.loads(m)["kwargs"]["task_id"]
+                           for m in client.hvals(f"dramatiq:{settings.queue}.msgs")]
+        client.close()
+    finally:
+        valkey.stop()
+    assert counts == dict(accepted=1, duplicate=0, dead_lettered=1, retried=2)
+    assert len(letters) == 1
+    entry = json.loads(letters[0].data)
+    assert entry["reason"].startswith("gave up after 3 deliveries: Redis unavailable"), entry
+    assert entry["delivered"] == 3 and json.loads(entry["payload"])["task_id"] == lost.task_id
+    assert queued_task_ids == [kept.task_id] * 3

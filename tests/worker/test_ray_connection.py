@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
+import sys
+from pathlib import Path
+from typing import Tuple
 
 import pytest
 
 from actors.connection import RayConnection
 
 pytestmark = pytest.mark.worker_env
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_connects_and_runs_a_remote_function(ray_address: str) -> None:
@@ -32,6 +38,31 @@ def test_connects_and_runs_a_remote_function(ray_address: str) -> None:
     finally:
         connection.disconnect()
     assert not connection.connected
+
+
+def test_the_worker_environment_is_the_clusters_python_and_ray(ray_address: str) -> None:
+    """This environment (what workers run on) is Python 3.9 with the pinned Ray, and so is the
+    cluster: a task reports the Python (major.minor, what Ray client compares) and Ray it
+    runs on."""
+    import ray
+
+    pin = re.search(r"ray\[client\]==([0-9.]+)", (ROOT / "pyproject.toml").read_text())
+    assert pin, "pyproject.toml pins ray[client]"
+    here = (".".join(platform.python_version_tuple()[:2]), ray.__version__)
+    assert sys.version_info[:2] == (3, 9) and ray.__version__ == pin.group(1), here
+    connection = RayConnection(ray_address)
+    connection.ensure()
+    try:
+        @ray.remote
+        def versions() -> Tuple[str, str]:
+            import platform
+
+            import ray
+            return ".".join(platform.python_version_tuple()[:2]), ray.__version__
+
+        assert ray.get(versions.remote(), timeout=60) == here
+    finally:
+        connection.disconnect()
 
 
 def test_a_mismatched_python_gets_an_actionable_error(ray_address: str) -> None:
