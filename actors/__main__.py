@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from typing import List, Optional
@@ -44,6 +45,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not settings.ray_address or not settings.redis_url:
         print("ray-executor worker: RAY_ADDRESS and REDIS_URL are required", file=sys.stderr)
         return 2
+    taken = port_taken(settings.grpc_host, settings.worker_metrics_port)
+    if taken:
+        # Dramatiq's exposition fork would fail later with a traceback and serve nothing.
+        print(f"ray-executor worker: RAY_EXECUTOR_WORKER_METRICS_PORT="
+              f"{settings.worker_metrics_port} cannot be bound on {settings.grpc_host} "
+              f"({taken}): set it to a free port", file=sys.stderr)
+        return 2
     connection = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
     try:
         connection.connect()
@@ -61,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # `ray-executor up`), and a multiprocess directory of this worker group's own (its default
     # is shared by every worker on the machine).
     env["dramatiq_prom_host"] = settings.grpc_host
-    env["dramatiq_prom_port"] = str(settings.metrics_port)
+    env["dramatiq_prom_port"] = str(settings.worker_metrics_port)
     env["dramatiq_prom_db"] = tempfile.mkdtemp(prefix="rx-metrics-")
     env["dramatiq_prom_lock"] = env["dramatiq_prom_db"] + ".lock"
     env["dramatiq_queue_prefetch"] = str(queue_prefetch(settings))
@@ -95,6 +103,19 @@ def requeue_previous_run(settings: Settings) -> None:
     if found["processes"]:
         logger.info("worker group %s restarted: %d unacked messages of %d previous processes "
                     "requeued", settings.worker_id, found["messages"], found["processes"])
+
+
+def port_taken(host: str, port: int) -> str:
+    """Why ``port`` cannot be bound on ``host`` (e.g. "Address already in use"), or ""."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As Dramatiq's exposition server binds (SO_REUSEADDR): a port left in TIME_WAIT by
+        # this group's previous run is free for it.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return ""
 
 
 def queue_prefetch(settings: Settings) -> int:

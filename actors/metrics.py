@@ -2,7 +2,7 @@
 
 Dramatiq's ``Prometheus`` middleware sets up the multiprocess directory after each process
 boots and serves every process's samples from the master process on
-``RAY_EXECUTOR_METRICS_PORT``; the metrics here are created on first use, after that, so they
+``RAY_EXECUTOR_WORKER_METRICS_PORT``; the metrics here are created on first use, after that, so they
 land in the same directory. Dramatiq's own message counters and durations come with it.
 """
 

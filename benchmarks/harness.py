@@ -159,7 +159,7 @@ class Stack:
         env = dict(env, RAY_ADDRESS=self.ray_address,
                    RAY_EXECUTOR_WORKER_PROCESSES=str(processes),
                    RAY_EXECUTOR_WORKER_THREADS=str(threads),
-                   RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()))
+                   RAY_EXECUTOR_WORKER_METRICS_PORT=str(servers.free_port()))
         if concurrency is not None:
             env["RAY_EXECUTOR_VLLM_CONCURRENCY"] = str(concurrency)
         return self.start("workers", [worker_python(), "-m", "actors"], env)

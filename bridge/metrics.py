@@ -114,7 +114,8 @@ class QueueCollector:
 
 def serve(settings: Settings, health: Callable[[], Health]) -> Optional[ThreadingHTTPServer]:
     """Serve ``/metrics`` and ``/healthz`` on ``RAY_EXECUTOR_METRICS_PORT`` in a thread
-    (port 0 disables it). ``/healthz`` answers ``ok`` (200) or ``degraded: <reasons>`` (503)
+    (port 0 disables it; a port that cannot be bound ends the bridge with one line naming
+    the setting). ``/healthz`` answers ``ok`` (200) or ``degraded: <reasons>`` (503)
     from ``health()``, the bridge's latest verdict (``bridge.health``); the chart's probes use
     gRPC health instead, which follows the bridge alone. Returns the server (``shutdown()``
     stops it)."""
@@ -142,7 +143,13 @@ def serve(settings: Settings, health: Callable[[], Health]) -> Optional[Threadin
         def log_message(self, fmt: str, *args: Any) -> None:
             logger.debug(fmt, *args)
 
-    server = ThreadingHTTPServer((settings.grpc_host, settings.metrics_port), Handler)
+    try:
+        server = ThreadingHTTPServer((settings.grpc_host, settings.metrics_port), Handler)
+    except OSError as exc:
+        raise SystemExit(
+            f"ray-executor bridge: RAY_EXECUTOR_METRICS_PORT={settings.metrics_port} cannot be "
+            f"bound on {settings.grpc_host} ({exc.strerror or exc}): set it to a free port, "
+            "or 0 to serve no metrics") from None
     threading.Thread(target=server.serve_forever, name="rx-metrics", daemon=True).start()
     logger.info("metrics on %s:%d/metrics", settings.grpc_host, settings.metrics_port)
     return server

@@ -274,9 +274,16 @@ class Settings:
     metrics_port: int = _setting(
         PREFIX + "METRICS_PORT",
         9464,
-        "Port of /metrics (Prometheus) of this process (bridge or worker); the bridge serves "
-        "/healthz there too.",
+        "Port of the bridge's /metrics (Prometheus) and /healthz; 0: not served.",
         minimum=0,
+    )
+    # Apart from the bridge's, so a bridge and a worker group on one host do not collide.
+    worker_metrics_port: int = _setting(
+        PREFIX + "WORKER_METRICS_PORT",
+        9465,
+        "Port of a worker group's /metrics, served by its master process for every worker "
+        "process; its readiness check reads `ray_executor_worker_ready` there.",
+        minimum=1,
     )
 
     # --- logs ---

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The worker side of ray-executor: `ray-executor worker` (Dramatiq workers holding one Ray
-# client connection per process; Prometheus /metrics of every process on 9464).
+# client connection per process; Prometheus /metrics of every process on 9465).
 #
 # Ray client refuses to connect unless the client runs the cluster's Ray version AND Python
 # minor version, so both are build arguments: build it for your cluster, e.g.
@@ -44,13 +44,13 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rx
 USER 1000:1000
 WORKDIR /tmp
-EXPOSE 9464
+EXPOSE 9465
 # Healthy when every live worker process has booted and its broker heartbeat reaches Redis:
 # the gauge ray_executor_worker_ready (min over the live processes) served by Dramatiq's
 # master on /metrics is 1, refreshed every 5 s by each process's heartbeat thread. It does not
 # follow Ray (ray_executor_ray_connected, alerted on): a Ray outage leaves jobs queued, and
 # restarting workers would not bring Ray back. The chart's readiness probe is the same command.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request as u; t = u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('RAY_EXECUTOR_METRICS_PORT', '9464'), timeout=3).read().decode(); v = [float(l.split()[-1]) for l in t.splitlines() if l.startswith('ray_executor_worker_ready')]; sys.exit(0 if v and min(v) >= 1 else 1)"]
+    CMD ["python", "-c", "import os, sys, urllib.request as u; t = u.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('RAY_EXECUTOR_WORKER_METRICS_PORT', '9465'), timeout=3).read().decode(); v = [float(l.split()[-1]) for l in t.splitlines() if l.startswith('ray_executor_worker_ready')]; sys.exit(0 if v and min(v) >= 1 else 1)"]
 ENTRYPOINT ["ray-executor"]
 CMD ["worker"]

@@ -83,11 +83,9 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         cli = str(Path(sys.executable).parent / "ray-executor")
         children.append(Child("bridge", [cli, "bridge"], env))
         servers.wait_for_port(settings.grpc_port, 30, children[-1].process)
-        worker_metrics = servers.free_port()  # the bridge holds RAY_EXECUTOR_METRICS_PORT
-        children.append(Child("worker", [worker_python, "-m", "actors"], dict(
-            env, RAY_EXECUTOR_METRICS_PORT=str(worker_metrics))))
+        children.append(Child("worker", [worker_python, "-m", "actors"], env))
         children.append(Child("dashboard", [cli, "dashboard"], env))
-        _announce(settings, env, standin is not None, worker_metrics)
+        _announce(settings, env, standin is not None)
         while not stop.wait(0.5):
             for child in children:
                 if child.process.poll() is not None:
@@ -105,13 +103,12 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         print("stopped.", flush=True)
 
 
-def _announce(settings: Settings, env: Dict[str, str], standin: bool,
-              worker_metrics: int) -> None:
+def _announce(settings: Settings, env: Dict[str, str], standin: bool) -> None:
     rows = [
         ("gRPC (RayExecutorService)", f"{env['RAY_EXECUTOR_GRPC_HOST']}:{settings.grpc_port}"),
         ("dashboard", f"http://{settings.dashboard_host}:{settings.dashboard_port}/"),
         ("bridge metrics", f"http://127.0.0.1:{settings.metrics_port}/metrics"),
-        ("worker metrics", f"http://127.0.0.1:{worker_metrics}/metrics"),
+        ("worker metrics", f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"),
         ("Redis", env["REDIS_URL"]),
         ("NATS JetStream", env["NATS_URL"]),
         ("Ray client", env["RAY_ADDRESS"]),

@@ -29,7 +29,7 @@ def worker_settings(redis_url: str, nats_url: str, ray_address: str,
     env = {"REDIS_URL": redis_url, "NATS_URL": nats_url, "RAY_ADDRESS": ray_address,
            "RAY_EXECUTOR_QUEUE": f"q{tag}", "RAY_EXECUTOR_KEY_PREFIX": f"t{tag}",
            "RAY_EXECUTOR_WORKER_PROCESSES": "1", "RAY_EXECUTOR_WORKER_THREADS": "32",
-           "RAY_EXECUTOR_LOG_FORMAT": "text", "RAY_EXECUTOR_METRICS_PORT": str(free_port())}
+           "RAY_EXECUTOR_LOG_FORMAT": "text", "RAY_EXECUTOR_WORKER_METRICS_PORT": str(free_port())}
     env.update(overrides)
     return Settings.from_env(env)
 

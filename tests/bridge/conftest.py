@@ -122,7 +122,7 @@ def start_worker(ray_address: str, tmp_path: Path) -> Iterator[Callable[..., Wor
               ) -> WorkerGroup:
         env = dict(bridge.env, RAY_ADDRESS=ray_address, RAY_EXECUTOR_WORKER_PROCESSES="1",
                    RAY_EXECUTOR_WORKER_THREADS="8",
-                   RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()))
+                   RAY_EXECUTOR_WORKER_METRICS_PORT=str(servers.free_port()))
         env.update(overrides)
         env.pop("VIRTUAL_ENV", None)
         worker = WorkerGroup(env, tmp_path / f"worker-{len(started)}.log", command=command)

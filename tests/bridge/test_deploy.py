@@ -337,7 +337,7 @@ def test_images_match_the_cluster_and_the_package() -> None:
     assert worker["stages"][1]["from"] == "python:${PYTHON_VERSION}-slim"
     assert worker["args"]["PYTHON_VERSION"] == "3.9"
     assert set(bridge["stages"][1]["expose"]) == {50056, 9464, 8181, 8000}
-    assert worker["stages"][1]["expose"] == [9464]
+    assert worker["stages"][1]["expose"] == [Settings().worker_metrics_port]
     assert ray_head["stages"][1]["from"] == "rayproject/ray:${RAY_VERSION}-${RAY_PYTHON_TAG}"
     assert ray_head["args"]["RAY_PYTHON_TAG"] == "py" + worker["args"]["PYTHON_VERSION"].replace(
         ".", "")
@@ -420,14 +420,14 @@ def test_worker_health_check_reads_the_worker_ready_gauge(
     command = worker_check(compose)
     port, serve = fake_metrics
     serve(metrics)
-    env = dict(os.environ, RAY_EXECUTOR_METRICS_PORT=str(port))
+    env = dict(os.environ, RAY_EXECUTOR_WORKER_METRICS_PORT=str(port))
     result = run([sys.executable, *command[1:]], env=env, timeout=30)
     assert (result.returncode == 0) is ready, result.stderr
 
 
 def test_worker_health_check_fails_when_nothing_serves_metrics(compose: Doc) -> None:
     command = worker_check(compose)
-    env = dict(os.environ, RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()))
+    env = dict(os.environ, RAY_EXECUTOR_WORKER_METRICS_PORT=str(servers.free_port()))
     assert run([sys.executable, *command[1:]], env=env, timeout=30).returncode != 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -233,3 +234,31 @@ def test_the_worker_command_refuses_a_bad_setting_in_one_line() -> None:
                           timeout=120)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert "RAY_EXECUTOR_WORKER_PROCESSES" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bridge_and_worker_metrics_ports_apart_and_a_taken_one_named(
+        redis_url: str, ray_address: str) -> None:
+    """By default a bridge and a worker group on one host serve /metrics on different ports;
+    a port someone else holds stops either command with one line naming its setting."""
+    assert Settings().metrics_port != Settings().worker_metrics_port
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = str(holder.getsockname()[1])
+    env = dict(os.environ, REDIS_URL=redis_url, RAY_ADDRESS=ray_address,
+               RAY_EXECUTOR_GRPC_HOST="127.0.0.1", RAY_EXECUTOR_GRPC_PORT="0",
+               RAY_EXECUTOR_NATS_INGRESS="false", RAY_EXECUTOR_LOG_FORMAT="text",
+               RAY_EXECUTOR_METRICS_PORT=taken, RAY_EXECUTOR_WORKER_METRICS_PORT=taken)
+    env.pop("VIRTUAL_ENV", None)
+    worker_cli = str(Path(worker_python()).parent / "ray-executor")
+    try:
+        for command, setting in (([CLI, "bridge"], "RAY_EXECUTOR_METRICS_PORT"),
+                                 ([worker_cli, "worker"], "RAY_EXECUTOR_WORKER_METRICS_PORT")):
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=120)
+            assert done.returncode != 0, (command, done.stderr)
+            assert f"{setting}={taken} cannot be bound on 127.0.0.1 (Address already in use)" \
+                in done.stderr, done.stderr
+            assert "Traceback" not in done.stderr, done.stderr
+    finally:
+        holder.close()

@@ -40,6 +40,7 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
     env.update(RAY_EXECUTOR_GRPC_PORT=str(grpc_port),
                RAY_EXECUTOR_DASHBOARD_PORT=str(dashboard_port),
                RAY_EXECUTOR_METRICS_PORT=str(servers.free_port()),
+               RAY_EXECUTOR_WORKER_METRICS_PORT=str(servers.free_port()),
                RAY_EXECUTOR_WORKER_PROCESSES="1", RAY_EXECUTOR_WORKER_THREADS="16")
     log = tmp_path / "up.log"
     up = subprocess.Popen([CLI, "up", "--worker-python", worker_python(),
@@ -63,10 +64,11 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
         assert out.startswith("submitted: delib-")
         assert "agent_completed" in out and "completed: 2/2 agents completed" in out
         assert "stand-in" in out  # the best proposal, from the stand-in LLM
-        worker_metrics = int(re.search(r"worker metrics +http://127\.0\.0\.1:(\d+)/",
-                                       log.read_text()).group(1))  # type: ignore[union-attr]
+        worker_metrics = env["RAY_EXECUTOR_WORKER_METRICS_PORT"]
+        assert re.search(rf"worker metrics +http://127\.0\.0\.1:{worker_metrics}/",
+                         log.read_text())
         for port in (grpc_port, dashboard_port, int(env["RAY_EXECUTOR_METRICS_PORT"]),
-                     worker_metrics):  # ours listen on loopback only
+                     int(worker_metrics)):  # ours listen on loopback only
             assert listening(port) and listening(port) <= LOOPBACK, (port, listening(port))
     finally:
         up.send_signal(signal.SIGINT)

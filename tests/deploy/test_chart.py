@@ -564,7 +564,7 @@ def test_every_variable_is_a_readme_setting_that_parses(
             continue
         ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
         expected = {"bridge": {"grpc": settings.grpc_port, "metrics": settings.metrics_port},
-                    "worker": {"metrics": settings.metrics_port},
+                    "worker": {"metrics": settings.worker_metrics_port},
                     "dashboard": {"http": settings.dashboard_port}}.get(part, {})
         if ports != expected:
             problems.append(f"{where}: ports {ports}, the settings say {expected}")

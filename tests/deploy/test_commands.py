@@ -49,7 +49,7 @@ def test_worker_readiness_follows_the_broker_not_ray(
     command = readiness_command(rendered)
     port, serve = fake_metrics
     serve(metrics)
-    env = dict(os.environ, RAY_EXECUTOR_METRICS_PORT=str(port))
+    env = dict(os.environ, RAY_EXECUTOR_WORKER_METRICS_PORT=str(port))
     result = subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True,
                             text=True, timeout=30, check=False)
     assert (result.returncode == 0) is ready, result.stderr
@@ -61,7 +61,7 @@ def test_worker_readiness_fails_when_nothing_serves_metrics(
     server = ThreadingHTTPServer(("127.0.0.1", 0), MetricsPage)
     port = server.server_address[1]
     server.server_close()
-    env = dict(os.environ, RAY_EXECUTOR_METRICS_PORT=str(port))
+    env = dict(os.environ, RAY_EXECUTOR_WORKER_METRICS_PORT=str(port))
     assert subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True,
                           timeout=30, check=False).returncode != 0
 

@@ -286,7 +286,7 @@ def test_sigterm_drains_running_jobs_and_requeues_the_rest(
 def worker_gauges(settings: Settings) -> Dict[str, float]:
     """The worker group's readiness gauges from its /metrics ({} while nothing serves it)."""
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{settings.metrics_port}/metrics",
+        text = urllib.request.urlopen(f"http://127.0.0.1:{settings.worker_metrics_port}/metrics",
                                       timeout=5).read().decode()
     except OSError:
         return {}
