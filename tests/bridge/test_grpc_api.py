@@ -20,6 +20,7 @@ from bridge.grpc_server import best_result
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
+from tests.waiting import until, until_async
 
 
 def queued(redis_url: str, bridge: BridgeProcess) -> List[Dict[str, Any]]:
@@ -153,7 +154,7 @@ def test_cancel_and_watch(bridge: BridgeProcess) -> None:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    time.sleep(0.5)
+    until(lambda: events, "the watch stream's first event")  # the cancel comes to a watcher
     cancelled = stub.CancelDeliberation(pb.CancelDeliberationRequest(
         deliberation_id=reply.deliberation_id, reason="changed plans"))
     assert cancelled.status == "cancelled"
@@ -195,6 +196,7 @@ def test_a_stop_under_load_answers_every_call_and_half_writes_nothing(
     """SIGTERM while 32 callers keep submitting: calls in flight finish, later ones are
     refused, and exactly the deliberations whose submit was answered are enqueued."""
     answered: List[str] = []  # task ids the bridge said were submitted
+    answered_by = [0] * 32  # answers per caller
     refused: List[grpc.StatusCode] = []
 
     async def caller(channel: grpc.aio.Channel, index: int) -> None:
@@ -207,17 +209,19 @@ def test_a_stop_under_load_answers_every_call_and_half_writes_nothing(
                 refused.append(exc.code())
                 return
             answered.append(task_id)
+            answered_by[index] += 1
 
     async def scenario() -> None:
         async with grpc.aio.insecure_channel(bridge.address) as channel:
             callers = [asyncio.ensure_future(caller(channel, i)) for i in range(32)]
-            await asyncio.sleep(1.0)
+            # The stop comes under load: every caller has been answered and keeps calling.
+            await until_async(lambda: all(answered_by), "an answer to each of the 32 callers")
             bridge.process.terminate()
             await asyncio.gather(*callers)
 
     asyncio.run(scenario())
     assert bridge.process.wait(30) == 0
-    assert len(answered) > 100 and len(refused) == 32, (len(answered), refused)
+    assert len(refused) == 32, refused  # each caller went on until the stop refused it
     assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}, refused
     enqueued = [m["kwargs"]["task_id"] for m in queued(redis_url, bridge)]
     assert sorted(enqueued) == sorted(answered), "an answered call not enqueued, or the reverse"
