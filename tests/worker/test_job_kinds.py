@@ -6,6 +6,7 @@ job kind (``tests.worker.kinds``), so these tests need neither the bridge nor an
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from core.contract import AgentJob
 from core.settings import Settings
 from core.store import DeliberationStore
 from tests.nats_events import Recorder
+from tests.waiting import until, until_async
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
@@ -48,6 +50,13 @@ def jobs(deliberation_id: str, n: int, **metadata: str) -> List[AgentJob]:
         max_retries=2, metadata=dict(metadata), kind="echo_test") for i in range(n)]
 
 
+async def ended(store: DeliberationStore, deliberation_id: str) -> Any:
+    """The deliberation's ``(record, agents)`` once it has completed or failed, else None."""
+    found = await store.get(deliberation_id)
+    assert found is not None, f"{deliberation_id} not found"
+    return found if found[0]["status"] in ("completed", "failed") else None
+
+
 async def submit_and_wait(settings: Settings, batches: List[Tuple[int, Dict[str, str]]],
                           timeout: float = 120) -> List[Tuple[Dict, List[Dict]]]:
     redis = Redis.from_url(settings.redis_url, decode_responses=True)
@@ -58,17 +67,10 @@ async def submit_and_wait(settings: Settings, batches: List[Tuple[int, Dict[str,
         record = {"id": deliberation_id, "task_id": f"task-{deliberation_id}"}
         await store.submit(deliberation_id, record, jobs(deliberation_id, n, **metadata))
         ids.append(deliberation_id)
-    deadline = time.monotonic() + timeout
     results = []
     for deliberation_id in ids:
-        while True:
-            found = await store.get(deliberation_id)
-            assert found is not None
-            if found[0]["status"] in ("completed", "failed"):
-                results.append(found)
-                break
-            assert time.monotonic() < deadline, f"{deliberation_id} still {found[0]['status']}"
-            await asyncio.sleep(0.2)
+        results.append(await until_async(functools.partial(ended, store, deliberation_id),
+                                         f"{deliberation_id} to end", timeout))
     await redis.close()
     return results
 
@@ -85,15 +87,15 @@ def test_a_job_kind_runs_on_ray_and_finishes_its_deliberation(settings: Settings
     # Every worker process's samples are served from one port (multiprocess mode).
     import urllib.request
 
-    deadline = time.monotonic() + 30  # Dramatiq starts its exposition process on its own
-    while True:
+    def scrape() -> str:
         try:
-            scraped = urllib.request.urlopen(
-                f"http://127.0.0.1:{settings.metrics_port}/metrics").read().decode()
-            break
+            return str(urllib.request.urlopen(
+                f"http://127.0.0.1:{settings.worker_metrics_port}/metrics").read().decode())
         except OSError:
-            assert time.monotonic() < deadline, "no /metrics on the worker's port"
-            time.sleep(0.5)
+            return ""
+
+    # Dramatiq starts its exposition process on its own.
+    scraped = until(scrape, "/metrics on the worker's port", timeout=30)
     assert 'ray_executor_agent_jobs_total{kind="echo_test",outcome="completed"} 3.0' in scraped
     assert "dramatiq_messages_total" in scraped and "ray_executor_ray_connected" in scraped
 
@@ -161,23 +163,19 @@ def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
         await store.submit(deliberation_id, {"id": deliberation_id, "task_id": "kill"},
                            jobs(deliberation_id, 4, sleep="6"))
         first = start(1)
-        deadline = time.monotonic() + 90
-        while True:  # wait until the jobs are running on Ray
+
+        async def all_running() -> bool:
             _, agents = await store.get(deliberation_id)  # type: ignore[misc]
-            if all(a["status"] == "running" for a in agents):
-                break
-            assert time.monotonic() < deadline, agents
-            await asyncio.sleep(0.2)
+            return all(a["status"] == "running" for a in agents)
+
+        await until_async(all_running, "the four jobs running on Ray", timeout=90)
         first.kill()
         killed_at = time.monotonic()
         second = start(2)
         try:
-            while True:
-                record, agents = await store.get(deliberation_id)  # type: ignore[misc]
-                if record["status"] in ("completed", "failed"):
-                    break
-                assert time.monotonic() - killed_at < 120, record
-                await asyncio.sleep(0.5)
+            record, agents = await until_async(lambda: ended(store, deliberation_id),
+                                               "the deliberation to end after the kill",
+                                               timeout=120)
             recovered = time.monotonic() - killed_at
         finally:
             second.stop()
