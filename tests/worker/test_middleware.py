@@ -12,7 +12,7 @@ import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 import redis
@@ -24,7 +24,7 @@ from core.settings import Settings
 from core.store import DeliberationStore
 from harness.standin_llm import run_in_thread
 from tests.nats_events import Recorder
-from tests.waiting import until
+from tests.waiting import until, until_async
 from tests.workers import WorkerGroup, worker_settings
 
 pytestmark = pytest.mark.worker_env
@@ -296,25 +296,58 @@ def test_cancelling_skips_queued_jobs_and_publishes_cancelled_once(
     assert body["status"] == "cancelled" and body["reason"] == "no longer needed"
 
 
+def sent_back_by_the_circuit(settings: Settings, deliberation_id: str) -> Set[str]:
+    """Agents of the deliberation whose message waits in the delay queue longer than any retry
+    backoff (``RAY_EXECUTOR_BACKOFF_MAX``): only an open circuit sends a job back that far."""
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        delayed = [json.loads(m) for m in client.hvals(dramatiq_internals.messages_key(
+            dramatiq_internals.delay_queue(settings.queue)))]
+    finally:
+        client.close()
+    now_ms = time.time() * 1000
+    return {m["kwargs"]["agent_id"] for m in delayed
+            if m["kwargs"]["deliberation_id"] == deliberation_id
+            and m["options"]["eta"] - now_ms > settings.backoff_max * 1000}
+
+
 def test_the_circuit_opens_on_failures_and_closes_on_recovery(
         shared: Settings, standin: Standin) -> None:
     settings = shared  # the threshold and cooldown come as per-message overrides
     standin.control(status=503, fail_count=-1)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
     circuit = f"{settings.key_prefix}:circuit:{standin.url}|standin-model"
+    # An open circuit sends a job back for half to all of the cooldown: 6 s or more, past the
+    # longest retry backoff (5 s), so the delay queue tells its waits from retries.
+    cooldown = 12
 
     async def scenario(store: DeliberationStore) -> Any:
-        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 4, standin.url,
+        did = await submit(store, agent_jobs(f"d-{uuid.uuid4().hex}", 3, standin.url,
                                              retries=20), circuit_failures=3,
-                           circuit_cooldown=3)
-        deadline = time.monotonic() + 60
-        while not client.hget(circuit, "opened_until"):
-            assert time.monotonic() < deadline, "the circuit never opened"
-            await asyncio.sleep(0.1)
-        opened = standin.stats()["requests"]
-        await asyncio.sleep(2.0)  # open: jobs wait instead of calling
-        assert standin.stats()["requests"] - opened <= 1
-        standin.control(status=200, fail_count=0)
+                           circuit_cooldown=cooldown)
+        sent_back: Set[str] = set()  # each is seen that far back for a second at least
+
+        def each_sent_back() -> bool:
+            sent_back.update(sent_back_by_the_circuit(settings, did))
+            return sent_back == {"a0", "a1", "a2"}
+
+        await until_async(each_sent_back, "each of the three jobs sent back by the circuit")
+        # No job can call until the cooldown ends (each was sent back, and so is every one
+        # asking again meanwhile), and nothing but a call can move its end.
+        cooldown_end = float(client.hget(circuit, "opened_until") or 0)
+        standin.control(status=200, fail_count=0)  # the probe after the cooldown succeeds
+        calls = standin.stats()["requests"]
+
+        def cooldown_over() -> bool:
+            now_calls = standin.stats()["requests"]  # read before the clock: a call it counts
+            if time.time() * 1000 >= cooldown_end:  # came before the cooldown ended
+                return True
+            assert now_calls == calls, \
+                f"{now_calls - calls} calls to vLLM while its circuit was open"
+            return False
+
+        await until_async(cooldown_over, "the cooldown to end")
+        # After it, one probe goes through, succeeds and closes the circuit.
         return await wait_final(store, did, timeout=90)
 
     record, _ = run(settings, scenario)
