@@ -22,13 +22,9 @@ import pytest
 
 from bridge.client import RayExecutorClient
 from core import logs
+from core.settings import Settings
 from harness import servers
-from tests.bridge import test_end_to_end as e2e
-
-# The worker group, the stand-in LLM and the NATS reader of the end-to-end test.
-start_worker = e2e.start_worker
-standin = e2e.standin
-collect = e2e.collect
+from tests.nats_events import Recorder
 
 AGENTS = [("dev-1", "DEV"), ("qa-1", "QA")]
 
@@ -72,7 +68,7 @@ async def run_deliberation(address: str, tp: str = "", token: str = "") -> str:
 
 
 def test_traceparent_and_json_logs_follow_a_deliberation(
-        start_bridge: Any, start_worker: Any, standin: Any, nats_url: str) -> None:
+        start_bridge: Any, start_worker: Any, standin: Any, recorder: Recorder) -> None:
     """(a) a ``traceparent`` sent over gRPC reaches the stand-in LLM as an HTTP header on every
     agent's call and comes back on the NATS result headers; (b) with JSON logs, the bridge's and
     the worker's lines about the deliberation are JSON objects carrying its ids."""
@@ -82,7 +78,7 @@ def test_traceparent_and_json_logs_follow_a_deliberation(
     tp = traceparent()
 
     deliberation_id = asyncio.run(run_deliberation(bridge.address, tp))
-    events = asyncio.run(collect(nats_url, deliberation_id, 4, 60))
+    events = recorder.final(deliberation_id, 4, Settings.from_env(bridge.env))
 
     # (a) out on NATS: every event of the deliberation carries the caller's traceparent.
     subjects = sorted(m.subject for m in events)

@@ -21,12 +21,8 @@ import pytest
 import redis
 
 from bridge.client import RayExecutorClient
-from tests.bridge import test_end_to_end as e2e
 from tests.bridge.conftest import make_pki, request
 from tests.waiting import until
-
-standin = e2e.standin
-start_worker = e2e.start_worker
 
 
 class TlsTerminator:

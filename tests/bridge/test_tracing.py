@@ -20,12 +20,10 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 
 from bridge.client import RayExecutorClient
-from tests.bridge import test_end_to_end as e2e
+from core.settings import Settings
 from tests.bridge.conftest import request
+from tests.nats_events import Recorder
 from tests.waiting import until
-
-start_worker = e2e.start_worker
-standin = e2e.standin
 
 
 class OtlpReceiver:
@@ -87,7 +85,7 @@ def exporting(otlp: OtlpReceiver) -> Dict[str, str]:
 
 def test_one_trace_from_the_grpc_caller_through_the_worker_to_vllm(
         otlp: OtlpReceiver, start_bridge: Any, start_worker: Any, standin: Any,
-        nats_url: str) -> None:
+        recorder: Recorder) -> None:
     bridge = start_bridge(VLLM_URL=standin.url, VLLM_MODEL="standin-model", **exporting(otlp))
     start_worker(bridge)
     trace_id, caller = secrets.token_hex(16), secrets.token_hex(8)
@@ -114,10 +112,7 @@ def test_one_trace_from_the_grpc_caller_through_the_worker_to_vllm(
     assert sorted(value.split("-")[2] for value in sent) == sorted(j["span_id"] for j in jobs)
     assert {value.split("-")[1] for value in sent} == {trace_id}
 
-    async def events() -> List[Any]:
-        return await e2e.collect(nats_url, reply.deliberation_id, 4, 60)
-
-    published = asyncio.run(events())
+    published = recorder.final(reply.deliberation_id, 4, Settings.from_env(bridge.env))
     assert len(published) == 4
     for msg in published:  # the deliberation's events continue the bridge's span
         assert msg.headers["traceparent"].split("-")[1:3] == [trace_id, server["span_id"]]
