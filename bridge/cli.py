@@ -1,9 +1,10 @@
 """The ``ray-executor`` command.
 
 Sub-commands run one part each (``bridge``, ``worker``, ``dashboard``), all of them on
-loopback (``up``), or talk to a running bridge (``submit``, ``status``, ``watch``). The
-worker runs in the worker environment (the cluster's Python with Ray): ``worker`` starts
-Dramatiq there as a separate process, so this module never imports the Ray side.
+loopback (``up``), or talk to a running bridge (``submit``, ``status``, ``watch``,
+``cancel``, ``dlq``). The worker runs in the worker environment (the cluster's Python with
+Ray): ``worker`` starts Dramatiq there as a separate process, so this module never imports
+the Ray side.
 """
 
 from __future__ import annotations
@@ -115,6 +116,55 @@ def _status_command(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(status())
 
 
+def _cancel_command(args: argparse.Namespace, settings: Settings) -> int:
+    async def cancel() -> int:
+        async with _client(args, settings) as client:
+            reply = await client.cancel(args.deliberation_id, args.reason)
+        print(f"{reply.message}: {reply.deliberation_id}")
+        return 0 if reply.status == "cancelled" else 1
+
+    return _calling(cancel())
+
+
+def _dlq_command(args: argparse.Namespace, settings: Settings) -> int:
+    from google.protobuf.json_format import MessageToJson
+
+    async def dlq() -> int:
+        async with _client(args, settings) as client:
+            if args.action == "show":
+                print(MessageToJson(await client.dead_letter(args.sequence)))
+            elif args.action == "replay":
+                reply = await client.replay_dead_letter(args.sequence, by=args.by,
+                                                        reason=args.reason)
+                print(f"{args.sequence}: {reply.message}")
+            else:
+                page = await client.dead_letters(args.after, args.limit)
+                for letter in page.dead_letters:
+                    replayed = (f" [replayed as {letter.replayed.sequence} by "
+                                f"{letter.replayed.by}]" if letter.HasField("replayed") else "")
+                    print(f"{letter.sequence} {letter.time} {letter.field}: "
+                          f"{' '.join(letter.reason.split())}{replayed}")
+                if page.next_after_sequence:
+                    print(f"more: --after {page.next_after_sequence}")
+        return 0
+
+    return _calling(dlq())
+
+
+def _calling(call: Awaitable[int]) -> int:
+    """Run a client call; a refused one prints its status and message (exit 1)."""
+    import grpc
+
+    async def run() -> int:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            print(f"ray-executor: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+
+    return asyncio.run(run())
+
+
 def _run_until_signal(main: Callable[[asyncio.Event], Awaitable[None]]) -> int:
     """Run ``main(stop)`` on a new event loop; SIGINT/SIGTERM set ``stop`` (graceful)."""
 
@@ -138,6 +188,8 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "submit": _submit_command,
     "status": _status_command,
     "watch": _watch_command,
+    "cancel": _cancel_command,
+    "dlq": _dlq_command,
 }
 
 
@@ -157,11 +209,18 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".run", help="where embedded servers keep data")
     for name, help_text in [("submit", "submit a deliberation to a running bridge"),
                             ("status", "show a deliberation's status, or the service's"),
-                            ("watch", "follow a deliberation's events until it ends")]:
+                            ("watch", "follow a deliberation's events until it ends"),
+                            ("cancel", "cancel a deliberation (its running jobs stop)"),
+                            ("dlq", "the NATS ingress's dead letters: list, show, replay")]:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--target", default="", help="bridge host:port")
         command.add_argument("--tls-ca", default="", help="CA of the bridge's certificate")
-        if name == "submit":
+        if name == "dlq":
+            _dlq_arguments(command)
+        elif name == "cancel":
+            command.add_argument("deliberation_id")
+            command.add_argument("--reason", default="", help="recorded and published")
+        elif name == "submit":
             command.add_argument("description", help="the task to deliberate on")
             command.add_argument("--roles", default="DEV,QA,ARCHITECT",
                                  help="comma-separated roles, one agent each")
@@ -172,6 +231,20 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("deliberation_id", nargs="?" if name == "status" else None,
                                  default="")
     return root
+
+
+def _dlq_arguments(command: argparse.ArgumentParser) -> None:
+    actions = command.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="dead letters, oldest first")
+    listing.add_argument("--after", type=int, default=0, help="from after this sequence")
+    listing.add_argument("--limit", type=int, default=0, help="at most this many (default 50)")
+    actions.add_parser("show", help="one dead letter with its payload").add_argument(
+        "sequence", type=int)
+    replay = actions.add_parser("replay", help="publish its request again (once; recorded)")
+    replay.add_argument("sequence", type=int)
+    replay.add_argument("--reason", required=True, help="why: what was fixed")
+    replay.add_argument("--by", default=os.environ.get("USER") or "operator",
+                        help="who (default: $USER)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -20,6 +20,8 @@ from typing import Any, AsyncIterator, Iterable, Mapping, Optional, Sequence, Tu
 import grpc
 
 from core import contract
+from ray_executor.v1 import operations_pb2 as ops
+from ray_executor.v1 import operations_pb2_grpc as ops_rpc
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 
@@ -70,6 +72,7 @@ class RayExecutorClient:
         else:
             self._channel = grpc.aio.insecure_channel(target)
         self._stub = rpc.RayExecutorServiceStub(self._channel)
+        self._operations = ops_rpc.OperationsServiceStub(self._channel)
 
     async def __aenter__(self) -> RayExecutorClient:
         return self
@@ -138,3 +141,22 @@ class RayExecutorClient:
         reply = await self._stub.GetActiveJobs(pb.GetActiveJobsRequest(), timeout=self.timeout,
                                                metadata=self._metadata)
         return list(reply.jobs)
+
+    # --- OperationsService: the NATS ingress's dead letters ---
+
+    async def dead_letters(self, after_sequence: int = 0, limit: int = 0
+                           ) -> ops.ListDeadLettersResponse:
+        return await self._operations.ListDeadLetters(
+            ops.ListDeadLettersRequest(after_sequence=after_sequence, limit=limit),
+            timeout=self.timeout, metadata=self._metadata)
+
+    async def dead_letter(self, sequence: int) -> ops.DeadLetter:
+        return await self._operations.GetDeadLetter(ops.GetDeadLetterRequest(sequence=sequence),
+                                                    timeout=self.timeout,
+                                                    metadata=self._metadata)
+
+    async def replay_dead_letter(self, sequence: int, *, by: str, reason: str
+                                 ) -> ops.ReplayDeadLetterResponse:
+        return await self._operations.ReplayDeadLetter(
+            ops.ReplayDeadLetterRequest(sequence=sequence, by=by, reason=reason),
+            timeout=self.timeout, metadata=self._metadata)

@@ -23,16 +23,20 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from bridge.health import Watch, assess
 from bridge.ingress import Ingress
+from bridge.operations import OperationsServicer
 from bridge.validation import InvalidRequest
 from core import contract, tracing
 from core.errors import StateUnavailable
 from core.settings import Settings
+from ray_executor.v1 import operations_pb2 as ops
+from ray_executor.v1 import operations_pb2_grpc as ops_rpc
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 
 logger = logging.getLogger("ray_executor.grpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RayExecutorService"].full_name
+OPERATIONS_SERVICE = ops.DESCRIPTOR.services_by_name["OperationsService"].full_name
 
 
 def _timestamp(ms: Any) -> Optional[Timestamp]:
@@ -232,7 +236,8 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return self._deny
 
 
-def build_server(ingress: Ingress, settings: Settings, watch: Watch) -> tuple:
+def build_server(ingress: Ingress, settings: Settings, watch: Watch,
+                 operations: OperationsServicer) -> tuple:
     """A configured (not yet started) server, its health servicer and the bound port."""
     interceptors = [TokenAuth(settings.grpc_token)] if settings.grpc_token else []
     server = grpc.aio.server(
@@ -241,10 +246,12 @@ def build_server(ingress: Ingress, settings: Settings, watch: Watch) -> tuple:
     )
     rpc.add_RayExecutorServiceServicer_to_server(RayExecutorServicer(ingress, settings, watch),
                                                 server)
+    ops_rpc.add_OperationsServiceServicer_to_server(operations, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        [SERVICE, OPERATIONS_SERVICE,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     if settings.grpc_tls_cert:

@@ -18,6 +18,7 @@ from bridge.health import Watch
 from bridge.ingress import Ingress
 from bridge.metrics import serve as serve_metrics
 from bridge.nats_ingress import NatsIngress
+from bridge.operations import OperationsServicer
 from core import tracing
 from core.connections import connect
 from core.contract import Subjects
@@ -42,7 +43,8 @@ async def run(settings: Settings, stop: asyncio.Event,
     # `ray-executor up`) may scrape right away.
     watch = Watch(store, settings)
     metrics = serve_metrics(settings, health=lambda: watch.latest)
-    server, health, port = build_server(ingress, settings, watch)
+    operations = OperationsServicer(store, settings, outbox.subjects, lambda: outbox.js)
+    server, health, port = build_server(ingress, settings, watch, operations)
     await server.start()
     await mark_serving(health, True)
     logger.info("gRPC listening on %s:%d", settings.grpc_host, port)

@@ -28,6 +28,8 @@ class Keys:
         # hash per vLLM endpoint (``url|model``): failures, opened_until ms (actors.circuit)
         self.circuits = f"{prefix}:circuit"
         self.limits = f"{prefix}:limit"
+        # hash: dead letter's stream sequence -> JSON of its replay (by, reason, time, sequence)
+        self.replays = f"{prefix}:dlq:replays"
 
     def workers(self, queue: str) -> str:
         """Zset: id of each worker process serving ``queue`` -> ms of its last heartbeat

@@ -255,6 +255,22 @@ async def connect_nats(settings: Settings, name: str) -> NATS:
     )
 
 
+async def _unless_stopped(connecting: Awaitable[NATS], stop: asyncio.Event) -> Optional[NATS]:
+    """``connecting``'s connection, or None once ``stop`` is set first: nats-py retries a
+    refused first connect for as long as reconnects are allowed (forever here), which would
+    hold a stopping process until it is killed."""
+    attempt = asyncio.ensure_future(connecting)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if attempt.done():
+        return attempt.result()
+    attempt.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await attempt
+    return None
+
+
 async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: asyncio.Event,
                       on_connected: Optional[Callable[[NATS], Awaitable[None]]] = None
                       ) -> Optional[NATS]:
@@ -266,7 +282,9 @@ async def attach_nats(settings: Settings, outbox: Outbox, name: str, stop: async
     delay = 0.5
     while not stop.is_set():
         try:
-            nc = await connect_nats(settings, name)
+            nc = await _unless_stopped(connect_nats(settings, name), stop)
+            if nc is None:
+                return None
             js = nc.jetstream()
             if settings.nats_create_streams:
                 await ensure_streams(js, outbox.subjects)

@@ -1,0 +1,181 @@
+"""``OperationsService``: what an operator does by hand, on the bridge's gRPC port.
+
+The NATS ingress's dead letters live in the commands stream, on ``Subjects.dead_letter``, as
+the JSON ``bridge.nats_ingress`` writes. Listing walks that subject with JetStream's
+next-by-subject message get (no consumer is created); a replay publishes the request again as
+it was published (its subject, its payload, its headers without the ``Nats-*`` ones) with
+``Nats-Msg-Id: replay:<dead letter sequence>`` and ``Ray-Executor-Replay-Of``, so the ingress
+handles it as any request: validated again, and dead-lettered again if still refused. Who
+replayed, when and why is kept in Redis (``Keys.replays``) for the state TTL; a second replay
+of the same dead letter answers with the first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import grpc
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from core import contract
+from core.contract import Subjects
+from core.errors import StateUnavailable
+from core.keys import Keys
+from core.settings import Settings
+from core.store import DeliberationStore
+from ray_executor.v1 import operations_pb2 as ops
+from ray_executor.v1 import operations_pb2_grpc as ops_rpc
+
+logger = logging.getLogger("ray_executor.operations")
+
+REPLAY_OF_HEADER = "Ray-Executor-Replay-Of"
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+class OperationsServicer(ops_rpc.OperationsServiceServicer):
+    """The dead letters of the NATS ingress, read and replayed.
+
+    Parameters:
+      store: the deliberation state (its Redis keeps who replayed what).
+      settings: the commands stream's name.
+      subjects: subject names from settings.
+      jetstream: returns the JetStream context, or None while NATS is not connected.
+    """
+
+    def __init__(self, store: DeliberationStore, settings: Settings, subjects: Subjects,
+                 jetstream: Any) -> None:
+        self.store = store
+        self.stream = settings.nats_commands_stream
+        self.subjects = subjects
+        self.replays = Keys(settings.key_prefix).replays
+        self.ttl = settings.state_ttl_seconds
+        self._jetstream = jetstream
+
+    async def ListDeadLetters(self, request: ops.ListDeadLettersRequest,
+                              context: grpc.aio.ServicerContext) -> ops.ListDeadLettersResponse:
+        if request.limit > MAX_PAGE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"limit: at most {MAX_PAGE}, got {request.limit}")
+        js = await self._js(context)
+        limit, sequence = request.limit or DEFAULT_PAGE, request.after_sequence
+        found = []
+        while len(found) < limit:
+            raw = await self._next(js, sequence + 1, context)
+            if raw is None:
+                break
+            sequence = raw.seq
+            found.append(await self._letter(raw, context, with_payload=False))
+        more = len(found) == limit and await self._next(js, sequence + 1, context) is not None
+        return ops.ListDeadLettersResponse(dead_letters=found,
+                                           next_after_sequence=sequence if more else 0)
+
+    async def GetDeadLetter(self, request: ops.GetDeadLetterRequest,
+                            context: grpc.aio.ServicerContext) -> ops.DeadLetter:
+        raw = await self._get(request.sequence, context)
+        return await self._letter(raw, context, with_payload=True)
+
+    async def ReplayDeadLetter(self, request: ops.ReplayDeadLetterRequest,
+                               context: grpc.aio.ServicerContext) -> ops.ReplayDeadLetterResponse:
+        for name in ("by", "reason"):
+            if not getattr(request, name).strip():
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name}: is required (replays are recorded: who and why)")
+        raw = await self._get(request.sequence, context)
+        letter = await self._letter(raw, context, with_payload=True)
+        if letter.HasField("replayed"):
+            return ops.ReplayDeadLetterResponse(
+                replayed=False, action=letter.replayed,
+                message=f"already replayed by {letter.replayed.by} at {letter.replayed.time}")
+        if letter.truncated:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"sequence: dead letter {request.sequence} kept only the first "
+                f"{len(letter.payload)} characters of a {letter.payload_bytes}-byte payload; "
+                "it cannot be replayed (publish the request again from its source)")
+        payload = (base64.b64decode(letter.payload) if letter.payload_encoding == "base64"
+                   else letter.payload.encode())
+        headers = dict(letter.headers)
+        headers.update({"Nats-Msg-Id": f"replay:{request.sequence}",
+                        REPLAY_OF_HEADER: str(request.sequence)})
+        ack = await (await self._js(context)).publish(letter.subject, payload, headers=headers,
+                                                      timeout=5)
+        action = ops.OperatorAction(by=request.by, reason=request.reason, time=contract.iso(),
+                                    sequence=ack.seq)
+        first, recorded = await self._record(request.sequence, action, context)
+        logger.info("dead letter %d replayed as %d by %s: %s", request.sequence, ack.seq,
+                    request.by, request.reason)
+        return ops.ReplayDeadLetterResponse(
+            replayed=first, action=recorded,
+            message=(f"replayed as sequence {recorded.sequence}" if first else
+                     f"already replayed by {recorded.by} at {recorded.time}"))
+
+    # --- helpers ---
+
+    async def _js(self, context: grpc.aio.ServicerContext) -> JetStreamContext:
+        js = self._jetstream()
+        if js is None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "NATS is not connected")
+        return js
+
+    async def _next(self, js: JetStreamContext, sequence: int,
+                    context: grpc.aio.ServicerContext) -> Optional[Any]:
+        """The first dead letter at ``sequence`` or after it, or None."""
+        try:
+            return await js.get_msg(self.stream, seq=sequence, subject=self.subjects.dead_letter,
+                                    next=True)
+        except NotFoundError:
+            return None
+        except Exception as exc:  # any NATS failure: the caller gets UNAVAILABLE
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"NATS: {exc!r}")
+
+    async def _get(self, sequence: int, context: grpc.aio.ServicerContext) -> Any:
+        raw = await self._next(await self._js(context), sequence, context) if sequence else None
+        if raw is None or raw.seq != sequence:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"sequence: no dead letter {sequence} in stream {self.stream}")
+        return raw
+
+    async def _letter(self, raw: Any, context: grpc.aio.ServicerContext, *,
+                      with_payload: bool) -> ops.DeadLetter:
+        entry: Dict[str, Any] = json.loads(raw.data)
+        letter = ops.DeadLetter(
+            sequence=raw.seq, time=entry.get("timestamp", ""), reason=entry.get("reason", ""),
+            field=entry.get("field", ""), subject=entry.get("subject", ""),
+            request_sequence=entry.get("stream_sequence", 0),
+            delivered=entry.get("delivered", 0), truncated=entry.get("truncated", False),
+            payload_bytes=entry.get("payload_bytes", 0),
+            payload_encoding=entry.get("payload_encoding", "utf-8"),
+            payload=entry.get("payload", "") if with_payload else "",
+            headers={k: str(v) for k, v in (entry.get("headers") or {}).items()
+                     if not k.lower().startswith("nats-")})
+        try:
+            recorded = await self.store.batcher.guard(
+                self.store.redis.hget(self.replays, str(raw.seq)))
+        except StateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        if recorded:
+            letter.replayed.CopyFrom(ops.OperatorAction(**json.loads(recorded)))
+        return letter
+
+    async def _record(self, sequence: int, action: ops.OperatorAction,
+                      context: grpc.aio.ServicerContext) -> Tuple[bool, ops.OperatorAction]:
+        """Keep ``action`` unless a concurrent replay was recorded first; returns (ours?, the
+        action kept)."""
+        fields = {"by": action.by, "reason": action.reason, "time": action.time,
+                  "sequence": action.sequence}
+        try:
+            async with self.store.redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(self.replays, str(sequence), json.dumps(fields))
+                pipe.hget(self.replays, str(sequence))
+                pipe.expire(self.replays, self.ttl)
+                first, kept, _ = await self.store.batcher.guard(pipe.execute())
+        except StateUnavailable as exc:
+            # Published (JetStream drops a second publish of it), but not recorded: say so.
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"replayed as sequence {action.sequence}, not recorded: {exc}")
+        return bool(first), ops.OperatorAction(**json.loads(kept))
