@@ -2,9 +2,10 @@
 
 The same code drives our bridge and the bare echo server; it runs in its own process
 (``python -m benchmarks.grpc_load --target HOST:PORT``) and prints one JSON line:
-``{requests, errors, seconds, rps, p50_ms, p99_ms, answered}`` (``answered``: every call
-answered ``submitted``, the warm-up's included, for the server's CPU per call). ``run`` is also used in-process by the
-end-to-end benchmark, with a callback receiving each deliberation id and its submit time.
+``{requests, errors, seconds, rps, p50_ms, p99_ms, answered}`` (``answered``: every
+call answered ``submitted``, the warm-up's included, for the server's CPU per call).
+``run`` is also used in-process by the end-to-end benchmark, with a callback receiving each
+deliberation id and its submit time.
 """
 
 from __future__ import annotations

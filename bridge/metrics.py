@@ -49,12 +49,12 @@ INGRESS_LATENCY = Histogram(
 
 # The labelled children, looked up once each: ``labels()`` takes a lock and builds a key on
 # every call, a visible share of a request's CPU.
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ingress_requests(ingress: str, outcome: str) -> Any:
     return INGRESS_REQUESTS.labels(ingress, outcome)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def ingress_latency(ingress: str) -> Any:
     return INGRESS_LATENCY.labels(ingress)
 
