@@ -2,8 +2,10 @@
 
 The same code drives our bridge and the bare echo server; it runs in its own process
 (``python -m benchmarks.grpc_load --target HOST:PORT``) and prints one JSON line:
-``{requests, errors, seconds, rps, p50_ms, p99_ms}``. ``run`` is also used in-process by the
-end-to-end benchmark, with a callback receiving each deliberation id and its submit time.
+``{requests, errors, seconds, rps, p50_ms, p99_ms, answered}`` (``answered``: every
+call answered ``submitted``, the warm-up's included, for the server's CPU per call).
+``run`` is also used in-process by the end-to-end benchmark, with a callback receiving each
+deliberation id and its submit time.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ async def run(target: str, concurrency: int, *, seconds: float = 0.0, count: int
               on_submitted: Callable[[str, float], None] | None = None) -> dict[str, float]:
     """Drive ``concurrency`` callers for ``seconds`` (or until ``count`` calls were made)."""
     latencies: list[float] = []
-    errors = 0
+    errors = answered = 0
     async with grpc.aio.insecure_channel(target) as channel:
         stub = rpc.RayExecutorServiceStub(channel)
         await channel.channel_ready()
@@ -46,7 +48,7 @@ async def run(target: str, concurrency: int, *, seconds: float = 0.0, count: int
         deadline = 0.0
 
         async def caller() -> None:
-            nonlocal issued, errors
+            nonlocal issued, errors, answered
             while True:
                 if count and issued >= count:
                     return
@@ -62,6 +64,7 @@ async def run(target: str, concurrency: int, *, seconds: float = 0.0, count: int
                 if reply.status != "submitted":
                     errors += 1
                     continue
+                answered += 1
                 if measuring:
                     latencies.append(time.perf_counter() - started)
                 if on_submitted is not None:
@@ -78,7 +81,7 @@ async def run(target: str, concurrency: int, *, seconds: float = 0.0, count: int
     return {"requests": len(latencies), "errors": errors, "seconds": round(elapsed, 3),
             "rps": round(len(latencies) / elapsed, 1),
             "p50_ms": round(percentile(latencies, 50) * 1000, 2),
-            "p99_ms": round(percentile(latencies, 99) * 1000, 2)}
+            "p99_ms": round(percentile(latencies, 99) * 1000, 2), "answered": answered}
 
 
 def main() -> None:

@@ -386,6 +386,17 @@ def _group(cmdline: str) -> str:
     return "other of ours"
 
 
+def _stat_fields(stat: str) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` line after the command name (state first)."""
+    return stat[stat.rfind(")") + 2:].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds a process has used so far, every thread of it (user and system)."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat").read_text())
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def _cpu_by_pid() -> dict[int, tuple[str, float]]:
     """(group, CPU seconds so far) of every live process."""
     found: dict[int, tuple[str, float]] = {}
@@ -397,7 +408,7 @@ def _cpu_by_pid() -> dict[int, tuple[str, float]]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = _stat_fields(stat)
         if fields[0] == "Z":  # a zombie's CPU was counted while it lived
             continue
         seconds = (int(fields[11]) + int(fields[12])) / CLK_TCK

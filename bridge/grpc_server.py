@@ -82,21 +82,28 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     async def ExecuteDeliberation(self, request: pb.ExecuteDeliberationRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> pb.ExecuteDeliberationResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        if not tracing.recording():  # spans are no-ops: pass the caller's trace on, no span
+            return await self._execute(request, context, tracing.carrier(metadata), None)
         span, carried = tracing.start(
-            "ray_executor.v1.RayExecutorService/ExecuteDeliberation", SpanKind.SERVER,
-            dict(context.invocation_metadata() or ()),
+            "ray_executor.v1.RayExecutorService/ExecuteDeliberation", SpanKind.SERVER, metadata,
             {"rpc.system": "grpc", "rpc.service": "ray_executor.v1.RayExecutorService",
              "rpc.method": "ExecuteDeliberation", "ray_executor.task_id": request.task_id})
         with trace.use_span(span, end_on_exit=True, record_exception=False,
                             set_status_on_exception=False):
-            try:
-                deliberation_id, created = await self.ingress.submit(request, carried)
-            except InvalidRequest as exc:
+            return await self._execute(request, context, carried, span)
+
+    async def _execute(self, request: pb.ExecuteDeliberationRequest,
+                       context: grpc.aio.ServicerContext, carried: Dict[str, str],
+                       span: Optional[trace.Span]) -> pb.ExecuteDeliberationResponse:
+        try:
+            deliberation_id, created = await self.ingress.submit(request, carried)
+        except (InvalidRequest, StateUnavailable) as exc:
+            if span is not None:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except StateUnavailable as exc:
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if isinstance(
+                exc, InvalidRequest) else grpc.StatusCode.UNAVAILABLE, str(exc))
+        if span is not None:
             span.set_attribute("ray_executor.deliberation_id", deliberation_id)
         message = (f"deliberation submitted with {len(request.agents)} agents" if created
                    else "already submitted: same task_id or idempotency key")

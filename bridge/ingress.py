@@ -12,7 +12,7 @@ import time
 from typing import Any, Awaitable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from bridge import validation
-from bridge.metrics import INGRESS_LATENCY, INGRESS_REQUESTS
+from bridge.metrics import ingress_latency, ingress_requests
 from core import contract
 from core.errors import StateUnavailable
 from core.outbox import Outbox
@@ -104,10 +104,10 @@ class Ingress:
                 continue  # a bug: the caller reports it
             else:
                 label = "submitted" if outcome[1] else "duplicate"
-                INGRESS_LATENCY.labels(source).observe(seconds)
+                ingress_latency(source).observe(seconds)
             counts[label] = counts.get(label, 0) + 1
         for label, count in counts.items():
-            INGRESS_REQUESTS.labels(source, label).inc(count)
+            ingress_requests(source, label).inc(count)
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
         """``(cancelled_now, status)``; see ``DeliberationStore.cancel``."""

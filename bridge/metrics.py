@@ -14,6 +14,7 @@ replica accepted or refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -44,6 +45,18 @@ INGRESS_LATENCY = Histogram(
     "ray_executor_ingress_seconds", "Time to validate, record and enqueue one request.",
     ["ingress"], registry=REGISTRY,
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+
+
+# The labelled children, looked up once each: ``labels()`` takes a lock and builds a key on
+# every call, a visible share of a request's CPU.
+@functools.cache
+def ingress_requests(ingress: str, outcome: str) -> Any:
+    return INGRESS_REQUESTS.labels(ingress, outcome)
+
+
+@functools.cache
+def ingress_latency(ingress: str) -> Any:
+    return INGRESS_LATENCY.labels(ingress)
 
 
 class QueueCollector:

@@ -25,7 +25,9 @@ naming the release and what to do.
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 import uuid
 from typing import Any, Dict, Optional
 
@@ -76,16 +78,17 @@ def encode(queue: str, actor_name: str, kwargs: Dict[str, Any], options: Dict[st
            redis_message_id: str, *, message_id: Optional[str] = None,
            message_timestamp: Optional[int] = None) -> str:
     """The encoded message ``RedisBroker.enqueue`` stores for an actor call on ``queue`` (the
-    process's encoder: JSON on both sides), with ``redis_message_id`` among its options."""
-    fields: Dict[str, Any] = {}
-    if message_id is not None:
-        fields["message_id"] = message_id
-    if message_timestamp is not None:
-        fields["message_timestamp"] = message_timestamp
-    message = dramatiq.Message(queue_name=queue, actor_name=actor_name, args=(), kwargs=kwargs,
-                               options={**options, "redis_message_id": redis_message_id},
-                               **fields)
-    return message.encode().decode()
+    process's encoder: JSON on both sides), with ``redis_message_id`` among its options.
+
+    Written as Dramatiq's ``JSONEncoder`` writes ``Message.asdict()`` (its fields in their
+    order, its separators) without building a ``Message``, which cost three times as much per
+    job; the test of this module compares the bytes with ``RedisBroker.enqueue``'s."""
+    return json.dumps({
+        "queue_name": queue, "actor_name": actor_name, "args": [], "kwargs": kwargs,
+        "options": {**options, "redis_message_id": redis_message_id},
+        "message_id": message_id or str(uuid.uuid4()),
+        "message_timestamp": message_timestamp or int(time.time() * 1000),
+    }, separators=(",", ":"))
 
 
 def queue_depths(pipe: Any, queue: str) -> None:

@@ -5,6 +5,7 @@ One script per transition, so a crash or a Redis outage never leaves half a deli
 - ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
   the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
   at once. A second submit with the same key returns the first deliberation and pushes nothing.
+  One call records a whole group of deliberations, each on its own (``submit_all``).
 - ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
   cancelled, or a redelivered message finds the agent already finished).
 - ``finish``: an agent's outcome; the last one also finishes the deliberation.
@@ -18,8 +19,10 @@ process's event-loop thread.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from itertools import chain
 from pathlib import Path
 from typing import Any, AsyncIterator, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -33,6 +36,7 @@ from core.keys import WAKE_CHANNEL, Keys
 from core.settings import Settings
 
 OUTBOX_LEASE_MS = 5000  # the writer publishes at once; others take over after this
+GROUP_LIMIT = 128  # submissions per submit.lua call: a bigger group would hold valkey longer
 _LUA = Path(__file__).parent / "lua"
 
 
@@ -69,6 +73,8 @@ class DeliberationStore:
         self.keys = Keys(settings.key_prefix)
         self._submit, self._start, self._finish, self._cancel = (
             (_LUA / f"{name}.lua").read_text() for name in ("submit", "start", "finish", "cancel"))
+        self._group: List[Tuple[Sequence[Submission], asyncio.Future]] = []
+        self._committer: Optional[asyncio.Future] = None
 
     # --- the bridge's side ---
 
@@ -86,53 +92,84 @@ class DeliberationStore:
         return outcome
 
     async def submit_all(self, submissions: Sequence[Submission]) -> List[Any]:
-        """``submit`` for each ``(idempotency_key, record, jobs, options)``, all in one
-        pipeline: each outcome is what ``submit`` returns, or the exception it would raise
-        (``StateUnavailable`` for every one when Redis is unreachable)."""
-        prepared = [self._submission(*submission) for submission in submissions]
-        try:
-            results = await self.batcher.batched(*(command for command, _ in prepared),
-                                         return_exceptions=True)
-        except StateUnavailable as exc:
-            return [exc] * len(prepared)
-        return [result if isinstance(result, Exception) else
-                (str(result[1]), bool(result[0]), record)
-                for result, (_, record) in zip(results, prepared)]
+        """``submit`` for each ``(idempotency_key, record, jobs, options)``: each outcome is
+        what ``submit`` returns, or the ``StateUnavailable`` it would raise (for every one
+        when Redis is unreachable; for that one alone when Redis refused its writes).
 
-    def _submission(self, idempotency_key: str, record: Dict[str, Any], jobs: List[AgentJob],
-                    options: Optional[Dict[str, Any]] = None
-                    ) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        """The ``submit.lua`` call of one deliberation, and its record as it will be stored."""
-        deliberation_id = record["id"]
+        Group commit: the submissions of every caller that arrive while the previous group's
+        script call is out go together in the next one (``submit.lua`` takes many), so under
+        load a call costs a share of one script call instead of one each."""
+        if not submissions:
+            return []
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._group.append((submissions, future))
+        if self._committer is None or self._committer.get_loop() is not loop:
+            self._committer = asyncio.ensure_future(self._commit())
+        return await future  # type: ignore[no-any-return]
+
+    async def _commit(self) -> None:
+        try:
+            while self._group:  # what arrives while a group is out goes in the next one
+                group, self._group = self._group, []
+                await self._commit_group(group)
+        finally:
+            self._committer = None
+
+    async def _commit_group(self, group: List[Tuple[Sequence[Submission], asyncio.Future]]
+                            ) -> None:
         now = contract.now_ms()
-        record = {**record, "status": contract.QUEUED, "created_ms": now,
-                  "completed": 0, "failed": 0, "num_agents": len(jobs)}
-        agents = [
-            [job.agent_id, json.dumps({
-                "agent_id": job.agent_id, "role": job.role, "model": job.model,
-                "index": job.agent_index, "status": contract.QUEUED, "attempts": 0,
-            })]
-            for job in jobs
-        ]
-        messages: List[str] = []
+        submissions = [submission for wanted, _ in group for submission in wanted]
+        calls = [self._submit_call(submissions[i:i + GROUP_LIMIT], now)
+                 for i in range(0, len(submissions), GROUP_LIMIT)]
+        outcomes: List[Any] = []
+        try:
+            replies = await self.batcher.batched(*(command for command, _ in calls),
+                                                 return_exceptions=True)
+        except StateUnavailable as exc:  # unreachable: nothing of the group was written
+            replies = [exc] * len(calls)
+        for reply, (_, records) in zip(replies, calls):
+            if isinstance(reply, Exception):  # the call did not run: none of it was written
+                outcomes += [_refused(reply)] * len(records)
+                continue
+            for (code, value), record in zip(zip(reply[::2], reply[1::2]), records):
+                outcomes.append(_refused(value) if code == -1 else
+                                (str(value), code == 1, record))
+        start = 0
+        for wanted, future in group:
+            if not future.done():  # else its caller was cancelled
+                future.set_result(outcomes[start:start + len(wanted)])
+            start += len(wanted)
+
+    def _submit_call(self, submissions: Sequence[Submission], now: int
+                     ) -> Tuple[Tuple[Any, ...], List[Dict[str, Any]]]:
+        """The ``submit.lua`` call recording ``submissions``, and their records as they will
+        be stored."""
         queue = self.settings.queue
-        for job in jobs:
-            redis_id = _unique()
-            messages += [redis_id, dramatiq_internals.encode(
-                queue, job.kind, job.to_kwargs(),
-                {"max_retries": job.max_retries, **(options or {})}, redis_id)]
-        keys = [
-            self.keys.idempotency(idempotency_key), self.keys.deliberation(deliberation_id),
-            self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
-            self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
-            dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
-        ]
-        entry = {"kind": "deliberation", "event": "submitted", "deliberation_id": deliberation_id}
-        args = [deliberation_id, now, self.settings.state_ttl_seconds, json.dumps(record),
-                json.dumps(agents), _event("submitted", status=contract.QUEUED),
-                json.dumps(entry), now + OUTBOX_LEASE_MS, WAKE_CHANNEL, self.settings.queue,
-                *messages]
-        return self.batcher.command(self._submit, keys, args), record
+        keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
+                dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due]
+        args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
+                           WAKE_CHANNEL, queue, _event("submitted", status=contract.QUEUED)]
+        records = []
+        for idempotency_key, record, jobs, options in submissions:
+            deliberation_id = record["id"]
+            record = {**record, "status": contract.QUEUED, "created_ms": now,
+                      "completed": 0, "failed": 0, "num_agents": len(jobs)}
+            records.append(record)
+            keys += (self.keys.idempotency(idempotency_key),
+                     self.keys.deliberation(deliberation_id),
+                     self.keys.agents(deliberation_id), self.keys.events(deliberation_id))
+            args += (deliberation_id, len(record), *chain.from_iterable(record.items()),
+                     len(jobs))
+            for job in jobs:
+                redis_id = _unique()
+                args += (job.agent_id, json.dumps({
+                    "agent_id": job.agent_id, "role": job.role, "model": job.model,
+                    "index": job.agent_index, "status": contract.QUEUED, "attempts": 0,
+                }), redis_id, dramatiq_internals.encode(
+                    queue, job.kind, job.to_kwargs(),
+                    {"max_retries": job.max_retries, **(options or {})}, redis_id))
+        return self.batcher.command(self._submit, keys, args), records
 
     async def cancel(self, deliberation_id: str, reason: str = "") -> Tuple[bool, str]:
         """Cancel unless already ended: ``(cancelled_now, status after the call)``."""
@@ -243,6 +280,13 @@ class DeliberationStore:
         status = await self.batcher.guard(
             self.redis.hget(self.keys.deliberation(deliberation_id), "status"))
         return status == contract.CANCELLED
+
+def _refused(error: Any) -> StateUnavailable:
+    """A submission Redis did not record (its error as Redis or redis-py gave it)."""
+    if isinstance(error, StateUnavailable):
+        return error
+    return StateUnavailable(f"Redis refused the submit: {error}")
+
 
 def _decode_agents(raw: List[str]) -> List[Dict[str, Any]]:
     """A deliberation's stored agents (JSON each), in their request order."""

@@ -1,24 +1,51 @@
--- submit: record a deliberation and enqueue its agent jobs, or return the existing one.
--- KEYS: idempotency, record, agents, events, active, stats, queue list, queue msgs, outbox, outbox due
--- ARGV: id, now ms, ttl s, record json, agents json, event json, outbox entry json, due ms,
---       wake channel, queue name,
---       then (redis message id, encoded Dramatiq message) pairs, pushed as Dramatiq enqueue does.
-local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
-local id = ARGV[1]
-redis.call('SET', KEYS[1], id, 'EX', ARGV[3])
-local record = cjson.decode(ARGV[4])
-for k, v in pairs(record) do redis.call('HSET', KEYS[2], k, v) end
-for _, agent in ipairs(cjson.decode(ARGV[5])) do redis.call('HSET', KEYS[3], agent[1], agent[2]) end
-redis.call('XADD', KEYS[4], '*', 'event', ARGV[6])
-redis.call('ZADD', KEYS[5], ARGV[2], id)
-redis.call('HINCRBY', KEYS[6], 'total', 1)
-redis.call('HSET', KEYS[9], id .. ':submitted', ARGV[7])
-redis.call('ZADD', KEYS[10], ARGV[8], id .. ':submitted')
-for i = 11, #ARGV, 2 do
-  redis.call('HSET', KEYS[8], ARGV[i], ARGV[i + 1])
-  redis.call('RPUSH', KEYS[7], ARGV[i])
+-- submit: record deliberations and enqueue their agent jobs, or return the existing ones.
+-- Group commit: one call carries every submission of a moment. Each is applied in its own
+-- pcall, so one that Redis refuses (its idempotency key holds another type: the GET, before
+-- any write of it, fails) is answered with the error while the others are applied.
+-- KEYS: active, stats, queue list, queue msgs, outbox, outbox due,
+--       then per submission: idempotency, record, agents, events
+-- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json,
+--       then per submission: id, record field count, (field, value)..., agent count,
+--       (agent id, agent json, redis message id, encoded Dramatiq message)...
+-- Returns per submission: 1, id (recorded); 0, the existing id; -1, Redis's error.
+local now, ttl, due, event = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
+
+local function submit(k, i)
+  local id = ARGV[i]
+  local existing = redis.call('GET', KEYS[k])
+  if existing then return {0, existing} end
+  redis.call('SET', KEYS[k], id, 'EX', ttl)
+  local fields = tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[k + 1], unpack(ARGV, i + 2, i + 1 + 2 * fields))
+  i = i + 2 + 2 * fields
+  local agents = tonumber(ARGV[i])
+  for j = i + 1, i + 4 * agents, 4 do
+    redis.call('HSET', KEYS[k + 2], ARGV[j], ARGV[j + 1])
+    redis.call('HSET', KEYS[4], ARGV[j + 2], ARGV[j + 3])  -- as Dramatiq's enqueue does
+    redis.call('RPUSH', KEYS[3], ARGV[j + 2])
+  end
+  redis.call('XADD', KEYS[k + 3], '*', 'event', event)
+  redis.call('ZADD', KEYS[1], now, id)
+  redis.call('HINCRBY', KEYS[2], 'total', 1)
+  redis.call('HSET', KEYS[5], id .. ':submitted',
+             '{"kind": "deliberation", "event": "submitted", "deliberation_id": "' .. id .. '"}')
+  redis.call('ZADD', KEYS[6], due, id .. ':submitted')
+  return {1, id}
 end
--- Idle workers sleep between polls; this wakes them (actors.broker) to fetch at once.
-redis.call('PUBLISH', ARGV[9], ARGV[10])
-return {1, id}
+
+local results, created = {}, false
+local i, k = 7, 7
+while i <= #ARGV do
+  local ok, result = pcall(submit, k, i)
+  if not ok then result = {-1, type(result) == 'table' and result.err or tostring(result)} end
+  created = created or result[1] == 1
+  results[#results + 1] = result[1]
+  results[#results + 1] = result[2]
+  i = i + 2 + 2 * tonumber(ARGV[i + 1])  -- past the record, to the agent count
+  i = i + 1 + 4 * tonumber(ARGV[i])  -- past the agents, to the next submission
+  k = k + 4
+end
+-- Idle workers sleep between polls; this wakes them (actors.broker) to fetch at once. A
+-- failed wake-up only leaves them to their next poll, so it must not fail the call.
+if created then redis.pcall('PUBLISH', ARGV[4], ARGV[5]) end
+return results

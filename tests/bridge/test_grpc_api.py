@@ -259,3 +259,56 @@ def test_the_best_result_is_the_highest_score_then_the_earliest_completion() -> 
               {"agent_id": "e", "status": "completed", "result": {}, "end_ms": 1}]
     assert best_result(agents)["agent_id"] == "c"  # type: ignore[index]
     assert best_result([agents[3]]) is None  # failed agents never count
+
+
+async def concurrently(address: str, requests: List[pb.ExecuteDeliberationRequest]
+                       ) -> List[Any]:
+    """Each request's reply, or its ``AioRpcError``, all sent at once on one channel (so they
+    reach the bridge together and are recorded in the same group commits)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = rpc.RayExecutorServiceStub(channel)
+        await channel.channel_ready()
+        return await asyncio.gather(*(stub.ExecuteDeliberation(r, timeout=20) for r in requests),
+                                    return_exceptions=True)
+
+
+def test_fifty_concurrent_duplicates_make_one_deliberation(bridge: BridgeProcess,
+                                                           redis_url: str) -> None:
+    """The same task_id 50 times at once: the calls share group commits, whose script checks
+    each submission's idempotency key after the previous one's write."""
+    same = request(agents=2)
+    replies = asyncio.run(concurrently(bridge.address, [same] * 50))
+    assert all(isinstance(r, pb.ExecuteDeliberationResponse) for r in replies), replies
+    assert {r.status for r in replies} == {"submitted"}
+    assert len({r.deliberation_id for r in replies}) == 1
+    assert sum("already submitted" not in r.message for r in replies) == 1
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    assert client.hget(f"{bridge.prefix}:stats", "total") == "1"
+    assert len(queued(redis_url, bridge)) == 2
+
+
+def test_a_submission_redis_refuses_mid_batch_alone_answers_unavailable(
+        bridge: BridgeProcess, redis_url: str) -> None:
+    """30 calls at once, 10 of whose idempotency keys Redis holds as lists (a real error of
+    the script's GET, in the middle of the group): exactly those 10 are answered UNAVAILABLE
+    and have nothing written; the 20 others are submitted and their messages enqueued."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    requests = [request(task_id=f"mid-{i}-{time.time_ns()}", agents=1) for i in range(30)]
+    broken = {r.task_id for r in requests[1::3]}
+    for task_id in broken:
+        client.rpush(f"{bridge.prefix}:idem:task:{task_id}", "not a deliberation id")
+    replies = asyncio.run(concurrently(bridge.address, requests))
+    refused = {r.task_id for r, reply in zip(requests, replies)
+               if isinstance(reply, grpc.aio.AioRpcError)}
+    assert refused == broken, replies
+    for reply in replies:
+        if isinstance(reply, grpc.aio.AioRpcError):
+            assert reply.code() == grpc.StatusCode.UNAVAILABLE and "WRONGTYPE" in reply.details()
+        else:
+            assert reply.status == "submitted" and "already" not in reply.message
+    enqueued = [m["kwargs"]["task_id"] for m in queued(redis_url, bridge)]
+    assert sorted(enqueued) == sorted(r.task_id for r in requests if r.task_id not in broken)
+    assert client.hget(f"{bridge.prefix}:stats", "total") == "20"
+    records = [client.hget(key, "task_id") for key in client.scan_iter(f"{bridge.prefix}:d:*")
+               if client.type(key) == "hash" and not key.endswith(":agents")]
+    assert sorted(records) == sorted(enqueued)

@@ -131,6 +131,6 @@ def test_submit_all_answers_each_submission_on_its_own(redis_url: str) -> None:
     records, (first, again, broken, other), queued = run(redis_url, scenario)
     assert first[:2] == (records[0]["id"], True)
     assert again[:2] == (records[0]["id"], False)  # same key in the same batch: the first one
-    assert isinstance(broken, redis.exceptions.ResponseError) and "WRONGTYPE" in str(broken)
+    assert isinstance(broken, StateUnavailable) and "WRONGTYPE" in str(broken)
     assert other[:2] == (records[3]["id"], True)
     assert queued == 2
