@@ -17,6 +17,7 @@ from benchmarks import (
     end_to_end,
     grpc_ingress,
     inflight,
+    listing,
     memory,
     nats_ingress,
     report,
@@ -25,7 +26,8 @@ from benchmarks import (
 from benchmarks.harness import Stack
 
 BENCHMARKS = {module.NAME: module for module in
-              (grpc_ingress, nats_ingress, end_to_end, inflight, memory, scaling)}
+              (grpc_ingress, nats_ingress, end_to_end, inflight, memory, scaling,
+               listing)}
 NEEDS_RAY = {"e2e", "inflight", "memory", "scaling"}
 
 

@@ -2,7 +2,7 @@
 
 Sub-commands run one part each (``bridge``, ``worker``, ``dashboard``), all of them on
 loopback (``up``), or talk to a running bridge (``submit``, ``status``, ``watch``,
-``cancel``, ``dlq``). The worker runs in the worker environment (the cluster's Python with
+``list``, ``cancel``, ``dlq``). The worker runs in the worker environment (the cluster's Python with
 Ray): ``worker`` starts Dramatiq there as a separate process, so this module never imports
 the Ray side.
 """
@@ -126,6 +126,25 @@ def _cancel_command(args: argparse.Namespace, settings: Settings) -> int:
     return _calling(cancel())
 
 
+def _list_command(args: argparse.Namespace, settings: Settings) -> int:
+    async def listing() -> int:
+        filters = {name: value for name, value in (
+            ("status", args.status), ("task_id", args.task_id), ("story_id", args.story_id),
+            ("model", args.model)) if value}
+        async with _client(args, settings) as client:
+            page = await client.deliberations(page_size=args.limit, page_token=args.page,
+                                              **filters)
+        for found in page.deliberations:
+            print(f"{found.deliberation_id} {found.status:<9} "
+                  f"{found.created.ToDatetime():%Y-%m-%d %H:%M:%S} "
+                  f"{found.completed_agents}/{found.total_agents} {found.task_id}")
+        if page.next_page_token:
+            print(f"more: --page {page.next_page_token}")
+        return 0
+
+    return _calling(listing())
+
+
 def _dlq_command(args: argparse.Namespace, settings: Settings) -> int:
     from google.protobuf.json_format import MessageToJson
 
@@ -189,6 +208,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "status": _status_command,
     "watch": _watch_command,
     "cancel": _cancel_command,
+    "list": _list_command,
     "dlq": _dlq_command,
 }
 
@@ -210,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
     for name, help_text in [("submit", "submit a deliberation to a running bridge"),
                             ("status", "show a deliberation's status, or the service's"),
                             ("watch", "follow a deliberation's events until it ends"),
+                            ("list", "deliberations newest first, filtered and paged"),
                             ("cancel", "cancel a deliberation (its running jobs stop)"),
                             ("dlq", "the NATS ingress's dead letters: list, show, replay")]:
         command = sub.add_parser(name, help=help_text)
@@ -217,6 +238,11 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--tls-ca", default="", help="CA of the bridge's certificate")
         if name == "dlq":
             _dlq_arguments(command)
+        elif name == "list":
+            for option in ("status", "task-id", "story-id", "model"):
+                command.add_argument(f"--{option}", default="", help="exact match")
+            command.add_argument("--limit", type=int, default=0, help="page size (default 50)")
+            command.add_argument("--page", default="", help="the token `more:` printed")
         elif name == "cancel":
             command.add_argument("deliberation_id")
             command.add_argument("--reason", default="", help="recorded and published")

@@ -142,7 +142,14 @@ class RayExecutorClient:
                                                metadata=self._metadata)
         return list(reply.jobs)
 
-    # --- OperationsService: the NATS ingress's dead letters ---
+    # --- OperationsService: listing, and the NATS ingress's dead letters ---
+
+    async def deliberations(self, *, page_size: int = 0, page_token: str = "",
+                            **filters: str) -> ops.ListDeliberationsResponse:
+        """One page, newest first; ``filters``: status, task_id, story_id, model."""
+        return await self._operations.ListDeliberations(
+            ops.ListDeliberationsRequest(page_size=page_size, page_token=page_token, **filters),
+            timeout=self.timeout, metadata=self._metadata)
 
     async def dead_letters(self, after_sequence: int = 0, limit: int = 0
                            ) -> ops.ListDeadLettersResponse:

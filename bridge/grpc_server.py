@@ -23,7 +23,6 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from bridge.health import Watch, assess
 from bridge.ingress import Ingress
-from bridge.operations import OperationsServicer
 from bridge.validation import InvalidRequest
 from core import contract, tracing
 from core.errors import StateUnavailable
@@ -39,7 +38,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["RayExecutorService"].full_name
 OPERATIONS_SERVICE = ops.DESCRIPTOR.services_by_name["OperationsService"].full_name
 
 
-def _timestamp(ms: Any) -> Optional[Timestamp]:
+def timestamp(ms: Any) -> Optional[Timestamp]:
+    """A protobuf Timestamp of epoch ``ms``, or None (field unset) for 0 or nothing."""
     if not ms:
         return None
     stamp = Timestamp()
@@ -136,8 +136,8 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
             agents=[pb.AgentState(
                 agent_id=a["agent_id"], role=a.get("role", ""), status=a.get("status", ""),
                 attempts=int(a.get("attempts") or 0), error=a.get("error", ""),
-                error_type=a.get("error_type", ""), start_time=_timestamp(a.get("start_ms")),
-                end_time=_timestamp(a.get("end_ms"))) for a in agents],
+                error_type=a.get("error_type", ""), start_time=timestamp(a.get("start_ms")),
+                end_time=timestamp(a.get("end_ms"))) for a in agents],
             duration_ms=max(0, finished - created) if finished else 0,
         )
 
@@ -175,7 +175,7 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
                 job_id=f"{record['id']}:{agent['agent_id']}",
                 name=f"{agent.get('role', '').lower() or 'agent'}-{agent['agent_id']}",
                 status=agent["status"], submission_id=record["id"], role=agent.get("role", ""),
-                task_id=record.get("task_id", ""), start_time=_timestamp(agent.get("start_ms")),
+                task_id=record.get("task_id", ""), start_time=timestamp(agent.get("start_ms")),
                 runtime=f"{(now - int(agent.get('start_ms') or now)) / 1000:.3f}s",
                 deliberation_id=record["id"], agent_id=agent["agent_id"],
             ) for record, agent in jobs
@@ -207,7 +207,7 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
                 yield pb.DeliberationEvent(
                     deliberation_id=request.deliberation_id, event=event["event"],
                     agent_id=event.get("agent_id", ""), status=event.get("status", ""),
-                    time=_timestamp(event.get("time_ms")), data_json=json.dumps(event))
+                    time=timestamp(event.get("time_ms")), data_json=json.dumps(event))
         except StateUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
 
@@ -244,7 +244,7 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 
 def build_server(ingress: Ingress, settings: Settings, watch: Watch,
-                 operations: OperationsServicer) -> tuple:
+                 operations: ops_rpc.OperationsServiceServicer) -> tuple:
     """A configured (not yet started) server, its health servicer and the bound port."""
     interceptors = [TokenAuth(settings.grpc_token)] if settings.grpc_token else []
     server = grpc.aio.server(

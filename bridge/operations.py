@@ -1,7 +1,8 @@
 """``OperationsService``: what an operator does by hand, on the bridge's gRPC port.
 
-The NATS ingress's dead letters live in the commands stream, on ``Subjects.dead_letter``, as
-the JSON ``bridge.nats_ingress`` writes. Listing walks that subject with JetStream's
+Deliberations are listed from the listing index (``bridge.listing``). The NATS ingress's dead
+letters live in the commands stream, on ``Subjects.dead_letter``, as the JSON
+``bridge.nats_ingress`` writes. Listing walks that subject with JetStream's
 next-by-subject message get (no consumer is created); a replay publishes the request again as
 it was published (its subject, its payload, its headers without the ``Nats-*`` ones) with
 ``Nats-Msg-Id: replay:<dead letter sequence>`` and ``Ray-Executor-Replay-Of``, so the ingress
@@ -21,6 +22,8 @@ import grpc
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from bridge.grpc_server import timestamp
+from bridge.listing import BadCursor, Filters, list_deliberations
 from core import contract
 from core.contract import Subjects
 from core.errors import StateUnavailable
@@ -34,6 +37,7 @@ logger = logging.getLogger("ray_executor.operations")
 
 REPLAY_OF_HEADER = "Ray-Executor-Replay-Of"
 DEFAULT_PAGE = 50
+STATUSES = (contract.QUEUED, contract.RUNNING, *contract.FINAL_STATUSES)
 MAX_PAGE = 500
 
 
@@ -55,6 +59,37 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
         self.replays = Keys(settings.key_prefix).replays
         self.ttl = settings.state_ttl_seconds
         self._jetstream = jetstream
+
+    async def ListDeliberations(self, request: ops.ListDeliberationsRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> ops.ListDeliberationsResponse:
+        if request.status and request.status not in STATUSES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"status: one of {', '.join(STATUSES)}, got {request.status!r}")
+        if request.page_size > MAX_PAGE:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"page_size: at most {MAX_PAGE}, got {request.page_size}")
+        filters = Filters(
+            status=request.status, task_id=request.task_id, story_id=request.story_id,
+            model=request.model, created_after_ms=request.created_after.ToMilliseconds(),
+            created_before_ms=request.created_before.ToMilliseconds())
+        try:
+            found, cursor = await list_deliberations(
+                self.store, filters, request.page_size or DEFAULT_PAGE, request.page_token)
+        except BadCursor as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_token: {exc}")
+        except StateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return ops.ListDeliberationsResponse(next_page_token=cursor, deliberations=[
+            ops.DeliberationSummary(
+                deliberation_id=summary["id"], task_id=summary["task_id"] or "",
+                story_id=summary["story_id"] or "", status=summary["status"] or "",
+                model=summary["model"] or "", created=timestamp(summary["created_ms"]),
+                finished=timestamp(summary["finished_ms"]),
+                total_agents=int(summary["num_agents"] or 0),
+                completed_agents=int(summary["completed"] or 0),
+                failed_agents=int(summary["failed"] or 0))
+            for summary in found])
 
     async def ListDeadLetters(self, request: ops.ListDeadLettersRequest,
                               context: grpc.aio.ServicerContext) -> ops.ListDeadLettersResponse:

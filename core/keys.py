@@ -22,6 +22,8 @@ class Keys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.active = f"{prefix}:active"  # zset: deliberation id -> created ms
+        # zset: every deliberation id -> created ms, for listing (trimmed to the state TTL)
+        self.index = f"{prefix}:index"
         self.stats = f"{prefix}:stats"  # hash of counters
         self.outbox = f"{prefix}:outbox"  # hash: event id -> JSON of what to publish
         self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent

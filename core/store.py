@@ -147,7 +147,8 @@ class DeliberationStore:
         be stored."""
         queue = self.settings.queue
         keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
-                dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due]
+                dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
+                self.keys.index]
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
                            WAKE_CHANNEL, queue, _event("submitted", status=contract.QUEUED)]
         records = []

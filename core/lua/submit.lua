@@ -2,7 +2,7 @@
 -- Group commit: one call carries every submission of a moment. Each is applied in its own
 -- pcall, so one that Redis refuses (its idempotency key holds another type: the GET, before
 -- any write of it, fails) is answered with the error while the others are applied.
--- KEYS: active, stats, queue list, queue msgs, outbox, outbox due,
+-- KEYS: active, stats, queue list, queue msgs, outbox, outbox due, index,
 --       then per submission: idempotency, record, agents, events
 -- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json,
 --       then per submission: id, record field count, (field, value)..., agent count,
@@ -26,6 +26,7 @@ local function submit(k, i)
   end
   redis.call('XADD', KEYS[k + 3], '*', 'event', event)
   redis.call('ZADD', KEYS[1], now, id)
+  redis.call('ZADD', KEYS[7], now, id)
   redis.call('HINCRBY', KEYS[2], 'total', 1)
   redis.call('HSET', KEYS[5], id .. ':submitted',
              '{"kind": "deliberation", "event": "submitted", "deliberation_id": "' .. id .. '"}')
@@ -33,8 +34,10 @@ local function submit(k, i)
   return {1, id}
 end
 
+-- The listing index keeps what the state TTL keeps (records expire that long after they end).
+redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - ttl * 1000)
 local results, created = {}, false
-local i, k = 7, 7
+local i, k = 7, 8
 while i <= #ARGV do
   local ok, result = pcall(submit, k, i)
   if not ok then result = {-1, type(result) == 'table' and result.err or tostring(result)} end
