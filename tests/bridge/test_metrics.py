@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
+from typing import Any, List, Tuple
 
 import dramatiq
 import grpc
 import pytest
 import redis
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.brokers.stub import StubBroker
 
+from actors.backoff import RetryJob
+from actors.circuit import CircuitBreaker
 from core.logs import redact
+from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
 from tests.waiting import until
@@ -78,10 +82,8 @@ def test_delayed_depth_counts_what_a_worker_holds(bridge: BridgeProcess, redis_u
     worker = dramatiq.Worker(broker, worker_threads=1, worker_timeout=100)
     worker.start()
     try:
-        deadline = time.monotonic() + 20
-        while plain.llen(f"dramatiq:{bridge.queue}.DQ") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert plain.llen(f"dramatiq:{bridge.queue}.DQ") == 0, "the worker took them"
+        until(lambda: plain.llen(f"dramatiq:{bridge.queue}.DQ") == 0, "the worker taking them",
+              timeout=20)
         assert delayed() == 2
         status = bridge.stub().GetStatus(pb.GetStatusRequest(include_stats=True))
         assert status.stats.delayed_messages == 2
@@ -124,19 +126,54 @@ def test_route_pending_jobs_count_ready_and_running_against_capacity(
         broker.close()
 
 
+class RedisCalls:
+    """What ``CircuitBreaker`` asks of the worker's runtime: its Redis calls, here on a plain
+    client (the runtime itself needs a booted worker process and Ray)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def eval(self, source: str, keys: List[str], args: List[Any]) -> Any:
+        return self.client.eval(source, len(keys), *keys, *args)
+
+    def redis(self, *commands: Tuple[Any, ...]) -> List[Any]:
+        return [self.client.execute_command(*command) for command in commands]
+
+
 def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> None:
-    """What the workers' circuit breakers record (``actors.circuit``), as a gauge per endpoint;
-    credentials in an endpoint's URL never reach a label."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    prefix = f"{bridge.prefix}:circuit:"
-    now = int(time.time() * 1000)
-    failing, wobbly = "http://user:s3cret@vllm-a:8000/v1|m", "http://vllm-b:8000/v1|m"
-    client.hset(prefix + failing, mapping={"failures": 5, "opened_until": now + 60_000})
-    client.hset(prefix + wobbly, mapping={"failures": 2})  # failures, still closed
-    client.set(prefix + failing + ":probe", "message-id")  # a probe's lock, not an endpoint
+    """What the workers' circuit breaker records (``actors.circuit``, driven through its own
+    middleware hooks as a worker's jobs would), as a gauge per endpoint; credentials in an
+    endpoint's URL never reach a label."""
+    settings = Settings(redis_url=redis_url, key_prefix=bridge.prefix, circuit_failures=3)
+    breaker = CircuitBreaker(settings, RedisCalls(  # type: ignore[arg-type]
+        redis.Redis.from_url(redis_url, decode_responses=True)))
+    broker = StubBroker(middleware=[])
+    dramatiq.actor(lambda **job: None, actor_name="vllm_agent", broker=broker)
+
+    def job(url: str, cooldown: float) -> dramatiq.Message:
+        return dramatiq.Message(queue_name="default", actor_name="vllm_agent", args=(),
+                                kwargs={"vllm_url": url, "model": "m"},
+                                options={"circuit_cooldown": cooldown})
+
+    def fail(url: str, times: int, cooldown: float = 600) -> None:
+        for _ in range(times):
+            message = job(url, cooldown)
+            breaker.before_process_message(broker, message)
+            breaker.after_process_message(broker, message, exception=RetryJob(
+                "HTTP 503", delay=100, error_type="unavailable"))
+
+    failing, wobbly, cooling = ("http://user:s3cret@vllm-a:8000/v1", "http://vllm-b:8000/v1",
+                                "http://vllm-c:8000/v1")
+    fail(failing, 3)  # open for the next ten minutes
+    fail(wobbly, 1)  # a failure recorded, still closed
+    fail(cooling, 3, cooldown=3)  # open for 3 s; its record lasts ten times that
     text = scrape(bridge)
-    assert sample(text, "ray_executor_circuit_open", endpoint=redact(failing)) == 1
-    assert sample(text, "ray_executor_circuit_open", endpoint=wobbly) == 0
-    assert text.count("ray_executor_circuit_open{") == 2 and "s3cret" not in text
-    client.hset(prefix + failing, "opened_until", now - 1)  # its cooldown is over
-    assert sample(scrape(bridge), "ray_executor_circuit_open", endpoint=redact(failing)) == 0
+    assert sample(text, "ray_executor_circuit_open", endpoint=redact(f"{failing}|m")) == 1
+    assert sample(text, "ray_executor_circuit_open", endpoint=f"{wobbly}|m") == 0
+    assert text.count("ray_executor_circuit_open{") == 3 and "s3cret" not in text
+    until(lambda: sample(scrape(bridge), "ray_executor_circuit_open",
+                         endpoint=f"{cooling}|m") == 0, "the 3 s cooldown over on the gauge")
+    breaker.before_process_message(broker, job(cooling, 3))  # half-open: this job probes
+    text = scrape(bridge)
+    assert sample(text, "ray_executor_circuit_open", endpoint=f"{cooling}|m") == 0
+    assert text.count("ray_executor_circuit_open{") == 3, "the probe's lock is no endpoint"
