@@ -79,3 +79,25 @@ class Recorder:
         self._run(self._nc.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+async def stored(nats_url: str, deliberation_id: str) -> List[Any]:
+    """One deliberation's messages stored in the result streams (``SUBJECTS``), each subject
+    read from the first message to the last one stored when the read began: every message
+    says how many are left after it, so the read ends on that state, not after a quiet gap.
+    The streams hold other events too, so neither is ever empty here."""
+    nc = await nats.connect(nats_url)
+    found: List[Any] = []
+    try:
+        for subject in SUBJECTS:
+            sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+            while True:
+                msg = await sub.next_msg(timeout=30)
+                if deliberation_id in (msg.headers or {}).get("Nats-Msg-Id", ""):
+                    found.append(msg)
+                if msg.metadata.num_pending == 0:
+                    break
+            await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return found

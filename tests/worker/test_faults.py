@@ -18,9 +18,9 @@ from core.settings import Settings
 from core.store import DeliberationStore
 from harness import servers
 from tests.conftest import worker_python
-from tests.nats_events import Recorder
+from tests.nats_events import Recorder, stored
 from tests.waiting import until, until_async
-from tests.worker.test_job_kinds import jobs, published
+from tests.worker.test_job_kinds import jobs
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = [pytest.mark.worker_env, pytest.mark.slow]
@@ -135,7 +135,7 @@ def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path)
         workers.stop()
     try:
         for did in ids:
-            events = asyncio.run(published(nats_server.url, did, settle=0.5))
+            events = asyncio.run(stored(nats_server.url, did))
             names = sorted(m.headers["Nats-Msg-Id"].split(":")[-1] for m in events)
             assert names == ["completed", "completed", "completed", "submitted"], names
             assert len({m.headers["Nats-Msg-Id"] for m in events}) == len(events)

@@ -127,27 +127,6 @@ def test_a_failing_job_is_recorded_once_and_not_retried(settings: Settings, work
     assert final["completed_count"] == 0 and len(final["failed_agents"]) == 2
 
 
-async def published(nats_url: str, deliberation_id: str, settle: float = 2.0) -> List[Any]:
-    """Every message of one deliberation in the result streams, read from their start."""
-    import nats
-
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    found = []
-    for subject in ("agent.response.>", "orchestration.deliberation.>"):
-        sub = await js.subscribe(subject, ordered_consumer=True)
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=settle)
-            except nats.errors.TimeoutError:
-                break
-            if deliberation_id in msg.headers.get("Nats-Msg-Id", ""):
-                found.append(msg)
-        await sub.unsubscribe()
-    await nc.close()
-    return found
-
-
 @pytest.mark.slow  # about a minute on 2 cores
 def test_a_worker_killed_mid_job_is_replaced_and_every_event_is_published_once(
         settings: Settings, tmp_path: Path, recorder: Recorder) -> None:
