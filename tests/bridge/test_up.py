@@ -33,6 +33,9 @@ def listening(port: int) -> set:
 
 
 @pytest.mark.slow
+# Past its own deadlines (up 180 + ports 30 + submit 240 + stop 120): a hang fails on one of
+# them, naming what was missing, not in pytest-timeout's dump.
+@pytest.mark.timeout(600)
 def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "NATS_URL", "RAY_ADDRESS", "VLLM_URL")}

@@ -24,6 +24,8 @@ from tests.worker.test_job_kinds import jobs
 from tests.workers import TEST_KINDS, WorkerGroup, worker_settings
 
 pytestmark = [pytest.mark.worker_env, pytest.mark.slow]
+# Each test's pytest-timeout is past the sum of its own deadlines (noted at each), so a hang
+# fails on one of them, naming what was missing, rather than in pytest-timeout's stack dump.
 
 
 def fault_settings(redis_url: str, nats_url: str, ray_address: str) -> Settings:
@@ -60,6 +62,7 @@ async def until_final(store: DeliberationStore, ids: List[str], timeout: float
     return final
 
 
+@pytest.mark.timeout(720)  # head 120 + running 90 + restart 120 + final 240 + events 60
 def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: Path,
                                        recorder: Recorder) -> None:
     head = servers.ray_head(tmp_path, str(Path(worker_python()).parent / "ray")).start(120)
@@ -76,7 +79,7 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
                        if a["status"] == "running"]
             if len(running) >= 10:
                 break
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, f"{len(running)} of 10 jobs running on Ray"
             await asyncio.sleep(0.2)
         head.restart(120)
         restarted = time.monotonic()
@@ -107,6 +110,7 @@ def test_the_ray_head_restarts_mid_run(redis_url: str, nats_url: str, tmp_path: 
         assert len(msg_ids) == len(set(msg_ids)), msg_ids
 
 
+@pytest.mark.timeout(480)  # two rounds final 120 each + NATS restart 30 + stored events 60 + boot
 def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path) -> None:
     nats_server = servers.nats(tmp_path).start()
     settings = fault_settings(redis_url, nats_server.url, ray_address)
@@ -144,6 +148,7 @@ def test_nats_restarts_mid_run(redis_url: str, ray_address: str, tmp_path: Path)
     print(f"NATS restart: outbox flushed {flushed:.1f}s after NATS came back")
 
 
+@pytest.mark.timeout(600)  # slots held 120 + all final 240 + events 60 + two restarts
 def test_200_jobs_survive_workers_killed_at_random_moments(
         redis_url: str, nats_url: str, ray_address: str, tmp_path: Path,
         recorder: Recorder) -> None:
@@ -197,6 +202,7 @@ def test_200_jobs_survive_workers_killed_at_random_moments(
           f"{len(ids_seen)} events, each once")
 
 
+@pytest.mark.timeout(480)  # running 120 + started again 120 + final 120 + events 60
 def test_a_restarted_worker_group_takes_back_its_jobs_at_once(
         redis_url: str, nats_url: str, ray_address: str, tmp_path: Path,
         recorder: Recorder) -> None:
@@ -243,6 +249,7 @@ def test_a_restarted_worker_group_takes_back_its_jobs_at_once(
           "the restart")
 
 
+@pytest.mark.timeout(420)  # running 90 + drain 60 + final 120 + events 60
 def test_sigterm_drains_running_jobs_and_requeues_the_rest(
         redis_url: str, nats_url: str, ray_address: str, tmp_path: Path,
         recorder: Recorder) -> None:
