@@ -1,7 +1,8 @@
 """Hatch build hook: generate the protobuf and gRPC modules from ``protos/`` at build time.
 
-The generated package ``ray_executor.v1`` is never committed. A wheel carries it at its top
-level; an editable install finds it in ``build/generated`` (see ``dev-mode-dirs``).
+The generated packages (``ray_executor.v1``; ``fleet.ray_executor.v1``, upstream's newest
+generation) are never committed. A wheel carries each at its top level; an editable install
+finds them in ``build/generated`` (see ``dev-mode-dirs``).
 """
 
 from __future__ import annotations
@@ -42,4 +43,6 @@ class ProtobufBuildHook(BuildHookInterface):
         for folder in [p for p in out.rglob("*") if p.is_dir()]:
             (folder / "__init__.py").touch()
         if version != "editable":
-            build_data["force_include"][str(out / "ray_executor")] = "ray_executor"
+            # One top-level package per proto root folder (ray_executor/, fleet/).
+            for package in sorted({pathlib.Path(source).parts[0] for source in sources}):
+                build_data["force_include"][str(out / package)] = package

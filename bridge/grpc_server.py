@@ -1,7 +1,8 @@
 """The gRPC ingress: ``ray_executor.v1.RayExecutorService`` on ``grpc.aio``.
 
 Serves the contract the Orchestrator already calls (docs/architecture.md), plus
-``CancelDeliberation`` and ``WatchDeliberation``, standard health checking and reflection.
+``CancelDeliberation`` and ``WatchDeliberation``, upstream's newest generation
+``fleet.ray_executor.v1`` through ``bridge.fleet_api``, standard health checking and reflection.
 Optional TLS (mTLS with a client CA) and bearer-token auth come from settings.
 """
 
@@ -21,12 +22,14 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from bridge.fleet_api import FLEET_SERVICE, FleetServicer
 from bridge.health import Watch, assess
 from bridge.ingress import Ingress
 from bridge.validation import InvalidRequest
 from core import contract, tracing
 from core.errors import StateUnavailable
 from core.settings import Settings
+from fleet.ray_executor.v1 import ray_executor_pb2_grpc as fleet_rpc
 from ray_executor.v1 import operations_pb2 as ops
 from ray_executor.v1 import operations_pb2_grpc as ops_rpc
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -35,6 +38,7 @@ from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 logger = logging.getLogger("ray_executor.grpc")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RayExecutorService"].full_name
+EXECUTE = f"{SERVICE}/ExecuteDeliberation"
 OPERATIONS_SERVICE = ops.DESCRIPTOR.services_by_name["OperationsService"].full_name
 
 
@@ -68,6 +72,19 @@ def best_result(agents: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
                                          int(a.get("end_ms") or 0)))
 
 
+def _best_with_counts(best: Dict[str, Any], agents: List[Dict[str, Any]],
+                      completed: List[Dict[str, Any]], failed: List[Dict[str, Any]]
+                      ) -> pb.DeliberationResult:
+    """The best result, its metadata carrying the whole deliberation's counts as strings:
+    where upstream's clients, which know only ``result``, read them."""
+    result = _result(best)
+    scores = [float((a.get("result") or {}).get("score") or 0.0) for a in completed]
+    result.metadata.update(total_agents=str(len(agents)), completed_agents=str(len(completed)),
+                           failed_agents=str(len(failed)),
+                           average_score=str(sum(scores) / len(scores)))
+    return result
+
+
 class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     """Parameters: ingress (submission path), settings, watch (the bridge's NATS connection,
     for ``GetStatus``)."""
@@ -82,13 +99,21 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     async def ExecuteDeliberation(self, request: pb.ExecuteDeliberationRequest,
                                   context: grpc.aio.ServicerContext
                                   ) -> pb.ExecuteDeliberationResponse:
+        return await self.execute(request, context, EXECUTE)
+
+    async def execute(self, request: pb.ExecuteDeliberationRequest,
+                      context: grpc.aio.ServicerContext, method: str
+                      ) -> pb.ExecuteDeliberationResponse:
+        """Submit ``request``; ``method`` (``service/Rpc``) is the gRPC method called, of
+        either generation (bridge.fleet_api), and names the span."""
         metadata = dict(context.invocation_metadata() or ())
         if not tracing.recording():  # spans are no-ops: pass the caller's trace on, no span
             return await self._execute(request, context, tracing.carrier(metadata), None)
+        service, _, rpc_name = method.rpartition("/")
         span, carried = tracing.start(
-            "ray_executor.v1.RayExecutorService/ExecuteDeliberation", SpanKind.SERVER, metadata,
-            {"rpc.system": "grpc", "rpc.service": "ray_executor.v1.RayExecutorService",
-             "rpc.method": "ExecuteDeliberation", "ray_executor.task_id": request.task_id})
+            method, SpanKind.SERVER, metadata,
+            {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc_name,
+             "ray_executor.task_id": request.task_id})
         with trace.use_span(span, end_on_exit=True, record_exception=False,
                             set_status_on_exception=False):
             return await self._execute(request, context, carried, span)
@@ -128,7 +153,7 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
         created, finished = int(record.get("created_ms") or 0), int(record.get("finished_ms") or 0)
         return pb.GetDeliberationStatusResponse(
             status=record.get("status", contract.NOT_FOUND),
-            result=_result(best) if best else None,
+            result=_best_with_counts(best, agents, completed, failed) if best else None,
             error_message=errors,
             results=[_result(a) for a in sorted(completed, key=lambda a: a.get("end_ms", 0))],
             total_agents=len(agents), completed_agents=len(completed), failed_agents=len(failed),
@@ -251,13 +276,15 @@ def build_server(ingress: Ingress, settings: Settings, watch: Watch,
         interceptors=interceptors,
         options=[("grpc.max_receive_message_length", settings.max_request_bytes * 4 + 65536)],
     )
-    rpc.add_RayExecutorServiceServicer_to_server(RayExecutorServicer(ingress, settings, watch),
-                                                server)
+    servicer = RayExecutorServicer(ingress, settings, watch)
+    rpc.add_RayExecutorServiceServicer_to_server(servicer, server)
+    # Upstream's newest generation, on the same port and the same servicer.
+    fleet_rpc.add_RayExecutorServiceServicer_to_server(FleetServicer(servicer), server)
     ops_rpc.add_OperationsServiceServicer_to_server(operations, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        [SERVICE, OPERATIONS_SERVICE,
+        [SERVICE, FLEET_SERVICE, OPERATIONS_SERVICE,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME], server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -276,5 +303,5 @@ def build_server(ingress: Ingress, settings: Settings, watch: Watch,
 async def mark_serving(health_servicer: Any, serving: bool) -> None:
     status = (health_pb2.HealthCheckResponse.SERVING if serving
               else health_pb2.HealthCheckResponse.NOT_SERVING)
-    for name in ("", SERVICE):
+    for name in ("", SERVICE, FLEET_SERVICE):
         await health_servicer.set(name, status)

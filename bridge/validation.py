@@ -24,6 +24,10 @@ MAX_RETRIES = 20
 MAX_METADATA_ENTRIES = 64
 IDEMPOTENCY_METADATA_KEY = "idempotency_key"
 _ROLE_RE = re.compile(r"[\w-]+")  # \w: what str.isalnum() accepts, and "_"
+BACKLOG_REVIEW_TASK_ID = "ceremony-{id}:story-{id}:role-{ROLE}"
+# Upstream's backlog review consumer splits the task_id on ":" into exactly these three parts
+# to file each role's answer under its ceremony and story: anything else is lost there.
+_BACKLOG_REVIEW_TASK_ID_RE = re.compile(r"ceremony-[^:]+:story-[^:]+:role-[^:]+")
 
 
 class InvalidRequest(ValueError):
@@ -97,6 +101,13 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
     }
     key = metadata.get(IDEMPOTENCY_METADATA_KEY) or f"task:{task_id}"
     return Plan(idempotency_key=key, record=record, jobs=jobs)
+
+
+def check_backlog_review_task_id(value: str) -> None:
+    """A backlog review's ``task_id`` (fleet ``ExecuteBacklogReviewDeliberation``) has the
+    format its results' consumer parses, or ``InvalidRequest``; ``plan`` checks the rest."""
+    if not _BACKLOG_REVIEW_TASK_ID_RE.fullmatch(value.strip()):
+        raise InvalidRequest("task_id", f"must be {BACKLOG_REVIEW_TASK_ID!r}, got {value[:80]!r}")
 
 
 def _identifier(field: str, value: str) -> str:

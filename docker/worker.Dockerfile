@@ -14,7 +14,8 @@
 ARG PYTHON_VERSION=3.9
 
 # --- builder: build the wheel; the hatch build hook (hatch_build.py) runs grpcio-tools and
-# generates the protobuf/gRPC package ray_executor.v1 into it. Build tools stay in this stage.
+# generates the protobuf/gRPC packages ray_executor.v1 and fleet.ray_executor.v1 into it. Build
+# tools stay in this stage.
 FROM python:${PYTHON_VERSION}-slim AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src

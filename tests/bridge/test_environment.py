@@ -98,10 +98,15 @@ def test_generated_protobuf_imports_from_an_installed_wheel(tmp_path: Path) -> N
         "r = pb.ExecuteDeliberationRequest(task_id='t', agents=[pb.Agent(id='a')]);"
         "assert pb.ExecuteDeliberationRequest.FromString(r.SerializeToString()) == r;"
         "assert rpc.RayExecutorServiceStub;"
-        "print(pb.__file__)"
+        "from fleet.ray_executor.v1 import ray_executor_pb2 as fleet;"
+        "from fleet.ray_executor.v1 import ray_executor_pb2_grpc as frpc;"
+        "c = fleet.BacklogReviewTaskConstraints(story_id='s', timeout_seconds=2);"
+        "assert fleet.BacklogReviewTaskConstraints.FromString(c.SerializeToString()) == c;"
+        "assert frpc.RayExecutorServiceStub;"
+        "print(pb.__file__); print(fleet.__file__)"
     )
     env = dict(os.environ, PYTHONPATH=f"{target}{os.pathsep}{sysconfig.get_paths()['purelib']}")
     out = subprocess.run([sys.executable, "-S", "-c", code], env=env, check=True,
                          capture_output=True, text=True).stdout
-    assert out.strip().startswith(str(target))
-    assert not list(target.glob("ray*/**/*.proto")), "the wheel ships code, not sources"
+    assert all(line.startswith(str(target)) for line in out.splitlines()), out
+    assert not list(target.glob("**/*.proto")), "the wheel ships code, not sources"
