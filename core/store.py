@@ -54,7 +54,8 @@ class Finished(NamedTuple):
 Submission = Tuple[str, Dict[str, Any], List[AgentJob], Optional[Dict[str, Any]]]
 
 
-def _event(event: str, **fields: Any) -> str:
+def lifecycle_event(event: str, **fields: Any) -> str:
+    """An entry of a deliberation's event stream (``WatchDeliberation``), as JSON."""
     return json.dumps({"event": event, "time_ms": contract.now_ms(), **fields})
 
 
@@ -149,8 +150,9 @@ class DeliberationStore:
         keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
                 dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
                 self.keys.index]
+        submitted = lifecycle_event("submitted", status=contract.QUEUED)
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
-                           WAKE_CHANNEL, queue, _event("submitted", status=contract.QUEUED)]
+                           WAKE_CHANNEL, queue, submitted]
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]
@@ -159,11 +161,12 @@ class DeliberationStore:
             records.append(record)
             keys += (self.keys.idempotency(idempotency_key),
                      self.keys.deliberation(deliberation_id),
-                     self.keys.agents(deliberation_id), self.keys.events(deliberation_id))
+                     self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
+                     self.keys.messages(deliberation_id))
             args += (deliberation_id, len(record), *chain.from_iterable(record.items()),
                      len(jobs))
             for job in jobs:
-                redis_id = _unique()
+                redis_id = unique_id()
                 args += (job.agent_id, json.dumps({
                     "agent_id": job.agent_id, "role": job.role, "model": job.model,
                     "index": job.agent_index, "status": contract.QUEUED, "attempts": 0,
@@ -176,9 +179,9 @@ class DeliberationStore:
         """Cancel unless already ended: ``(cancelled_now, status after the call)``."""
         keys = [self.keys.deliberation(deliberation_id), self.keys.events(deliberation_id),
                 self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
-                self.keys.agents(deliberation_id)]
+                self.keys.agents(deliberation_id), self.keys.messages(deliberation_id)]
         args = [deliberation_id, contract.now_ms(), reason,
-                _event("cancelled", status=contract.CANCELLED, reason=reason),
+                lifecycle_event("cancelled", status=contract.CANCELLED, reason=reason),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
         changed, status = await self.batcher.eval(self._cancel, keys, args)
         return bool(changed), str(status)
@@ -230,10 +233,15 @@ class DeliberationStore:
                     last = entry_id
                     event = json.loads(fields["event"])
                     yield event
-                    if event["event"] in contract.FINAL_STATUSES:
-                        return
+                    if event["event"] in contract.FINAL_STATUSES and \
+                            contract.round_of(event) >= await self._round(deliberation_id):
+                        return  # else a retry (core.retry) started a later round
             if not batches and not await self.batcher.guard(self.redis.exists(key)):
                 return
+
+    async def _round(self, deliberation_id: str) -> int:
+        record = self.keys.deliberation(deliberation_id)
+        return int(await self.batcher.guard(self.redis.hget(record, "round")) or 1)
 
     # --- the workers' side ---
 
@@ -244,7 +252,7 @@ class DeliberationStore:
         keys = [self.keys.deliberation(job.deliberation_id),
                 self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id)]
         args = [job.agent_id, contract.now_ms(), retry,
-                _event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
+                lifecycle_event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
                        retry=retry)]
         result = await self.batcher.eval(self._start, keys, args)
         return str(result[0]), int(result[1]) if len(result) > 1 else 0
@@ -264,8 +272,9 @@ class DeliberationStore:
                  "agent_id": job.agent_id}
         keys = [self.keys.deliberation(job.deliberation_id),
                 self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id),
-                self.keys.active, self.keys.outbox, self.keys.outbox_due, self.keys.stats]
-        event = _event("agent_" + status, agent_id=job.agent_id, status=status,
+                self.keys.active, self.keys.outbox, self.keys.outbox_due, self.keys.stats,
+                self.keys.messages(job.deliberation_id)]
+        event = lifecycle_event("agent_" + status, agent_id=job.agent_id, status=status,
                        error=outcome.get("error", ""))
         args = [job.agent_id, now, json.dumps(outcome), event, event_id, json.dumps(entry),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
@@ -295,9 +304,9 @@ def _decode_agents(raw: List[str]) -> List[Dict[str, Any]]:
 
 
 def new_deliberation_id() -> str:
-    return f"delib-{_unique()}"
+    return f"delib-{unique_id()}"
 
 
-def _unique() -> str:
+def unique_id() -> str:
     """128 random bits in hex, as ``uuid4().hex`` but without building a UUID (4.8 -> 0.5 µs)."""
     return os.urandom(16).hex()
