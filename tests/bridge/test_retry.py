@@ -136,3 +136,33 @@ def test_retry_refusals_are_named(start_bridge: Any, standin: StandinThread) -> 
     assert shown.returncode == 1
     assert shown.stderr.strip() == (
         f"ray-executor: FAILED_PRECONDITION: deliberation {did} was cancelled")
+
+
+@pytest.mark.slow
+def test_a_completed_deliberation_retries_only_its_failed_agent(
+        start_bridge: Any, start_worker: Any, standin: StandinThread,
+        recorder: Recorder) -> None:
+    bridge = start_bridge()
+    start_worker(bridge)
+    stub = bridge.stub()
+    standin.control(status=400, fail_count=1)  # one agent fails, the other completes
+    did = stub.ExecuteDeliberation(agents_request(standin, len(AGENTS))).deliberation_id
+    before = final_status(bridge, did)
+    assert (before.status, before.completed_agents, before.failed_agents) == ("completed", 1, 1)
+    [failed] = [a.agent_id for a in before.agents if a.status == "failed"]
+    [kept] = before.results
+    settings = Settings.from_env(bridge.env)
+    first = published(recorder.final(did, 4, settings))
+
+    reply = operations(bridge).RetryDeliberation(ops.RetryDeliberationRequest(
+        deliberation_id=did, by="bob", reason="bad prompt fixed"))
+    assert reply.retried and list(reply.action.agent_ids) == [failed]
+    after = final_status(bridge, did)
+    assert (after.status, after.completed_agents, after.failed_agents) == ("completed", 2, 0)
+    assert kept in after.results  # the agent that had completed keeps its result
+
+    events = published(recorder.final(did, 6, settings))
+    assert set(events) - set(first) == {f"{did}:completed:r2", f"{did}:{failed}:completed:r2"}
+    stats = stub.GetStatus(pb.GetStatusRequest(include_stats=True)).stats
+    assert (stats.total_deliberations, stats.completed_deliberations,
+            stats.failed_deliberations) == (1, 1, 0)  # the final status counted once
