@@ -5,11 +5,14 @@ One script per transition, so a crash or a Redis outage never leaves half a deli
 - ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
   the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
   at once. A second submit with the same key returns the first deliberation and pushes nothing.
-  One call records a whole group of deliberations, each on its own (``submit_all``).
+  One call records a whole group of deliberations, each on its own (``submit_all``). Each
+  agent's message is also kept with the deliberation, for a retry.
 - ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
   cancelled, or a redelivered message finds the agent already finished).
 - ``finish``: an agent's outcome; the last one also finishes the deliberation.
 - ``cancel``: the deliberation is cancelled unless it already ended.
+- ``retry`` (``core.retry``): a finished deliberation's failed agents queued again, as a new
+  round.
 
 Each lifecycle change appends to the deliberation's event stream (``WatchDeliberation``) and,
 for what goes to NATS, writes an outbox entry in the same script (see ``core.outbox``).
