@@ -2,9 +2,9 @@
 
 Sub-commands run one part each (``bridge``, ``worker``, ``dashboard``), all of them on
 loopback (``up``), or talk to a running bridge (``submit``, ``status``, ``watch``,
-``list``, ``cancel``, ``dlq``). The worker runs in the worker environment (the cluster's Python with
-Ray): ``worker`` starts Dramatiq there as a separate process, so this module never imports
-the Ray side.
+``list``, ``cancel``, ``retry``, ``dlq``). The worker runs in the worker environment (the
+cluster's Python with Ray): ``worker`` starts Dramatiq there as a separate process, so this
+module never imports the Ray side.
 """
 
 from __future__ import annotations
@@ -126,6 +126,16 @@ def _cancel_command(args: argparse.Namespace, settings: Settings) -> int:
     return _calling(cancel())
 
 
+def _retry_command(args: argparse.Namespace, settings: Settings) -> int:
+    async def retry() -> int:
+        async with _client(args, settings) as client:
+            reply = await client.retry(args.deliberation_id, by=args.by, reason=args.reason)
+        print(f"{args.deliberation_id}: {reply.message}")
+        return 0
+
+    return _calling(retry())
+
+
 def _list_command(args: argparse.Namespace, settings: Settings) -> int:
     async def listing() -> int:
         filters = {name: value for name, value in (
@@ -208,6 +218,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "status": _status_command,
     "watch": _watch_command,
     "cancel": _cancel_command,
+    "retry": _retry_command,
     "list": _list_command,
     "dlq": _dlq_command,
 }
@@ -232,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
                             ("watch", "follow a deliberation's events until it ends"),
                             ("list", "deliberations newest first, filtered and paged"),
                             ("cancel", "cancel a deliberation (its running jobs stop)"),
+                            ("retry", "run the failed agents of a finished deliberation "
+                                      "again (recorded)"),
                             ("dlq", "the NATS ingress's dead letters: list, show, replay")]:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--target", default="", help="bridge host:port")
@@ -246,6 +259,9 @@ def parser() -> argparse.ArgumentParser:
         elif name == "cancel":
             command.add_argument("deliberation_id")
             command.add_argument("--reason", default="", help="recorded and published")
+        elif name == "retry":
+            command.add_argument("deliberation_id")
+            _recorded_arguments(command, "why: what was fixed")
         elif name == "submit":
             command.add_argument("description", help="the task to deliberate on")
             command.add_argument("--roles", default="DEV,QA,ARCHITECT",
@@ -268,9 +284,14 @@ def _dlq_arguments(command: argparse.ArgumentParser) -> None:
         "sequence", type=int)
     replay = actions.add_parser("replay", help="publish its request again (once; recorded)")
     replay.add_argument("sequence", type=int)
-    replay.add_argument("--reason", required=True, help="why: what was fixed")
-    replay.add_argument("--by", default=os.environ.get("USER") or "operator",
-                        help="who (default: $USER)")
+    _recorded_arguments(replay, "why: what was fixed")
+
+
+def _recorded_arguments(command: argparse.ArgumentParser, why: str) -> None:
+    """``--reason`` and ``--by`` of an action the bridge records (who and why)."""
+    command.add_argument("--reason", required=True, help=why)
+    command.add_argument("--by", default=os.environ.get("USER") or "operator",
+                         help="who (default: $USER)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -142,7 +142,7 @@ class RayExecutorClient:
                                                metadata=self._metadata)
         return list(reply.jobs)
 
-    # --- OperationsService: listing, and the NATS ingress's dead letters ---
+    # --- OperationsService: listing, retries, and the NATS ingress's dead letters ---
 
     async def deliberations(self, *, page_size: int = 0, page_token: str = "",
                             **filters: str) -> ops.ListDeliberationsResponse:
@@ -166,4 +166,10 @@ class RayExecutorClient:
                                  ) -> ops.ReplayDeadLetterResponse:
         return await self._operations.ReplayDeadLetter(
             ops.ReplayDeadLetterRequest(sequence=sequence, by=by, reason=reason),
+            timeout=self.timeout, metadata=self._metadata)
+
+    async def retry(self, deliberation_id: str, *, by: str, reason: str
+                    ) -> ops.RetryDeliberationResponse:
+        return await self._operations.RetryDeliberation(
+            ops.RetryDeliberationRequest(deliberation_id=deliberation_id, by=by, reason=reason),
             timeout=self.timeout, metadata=self._metadata)

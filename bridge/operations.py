@@ -8,7 +8,8 @@ it was published (its subject, its payload, its headers without the ``Nats-*`` o
 ``Nats-Msg-Id: replay:<dead letter sequence>`` and ``Ray-Executor-Replay-Of``, so the ingress
 handles it as any request: validated again, and dead-lettered again if still refused. Who
 replayed, when and why is kept in Redis (``Keys.replays``) for the state TTL; a second replay
-of the same dead letter answers with the first.
+of the same dead letter answers with the first. A retry of a deliberation's failed agents is
+``core.retry``'s; its actions are kept in the deliberation's record.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from nats.js.errors import NotFoundError
 
 from bridge.grpc_server import timestamp
 from bridge.listing import BadCursor, Filters, list_deliberations
-from core import contract
+from core import contract, retry
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.keys import Keys
@@ -42,7 +43,8 @@ MAX_PAGE = 500
 
 
 class OperationsServicer(ops_rpc.OperationsServiceServicer):
-    """The dead letters of the NATS ingress, read and replayed.
+    """Deliberations listed and retried; the dead letters of the NATS ingress, read and
+    replayed.
 
     Parameters:
       store: the deliberation state (its Redis keeps who replayed what).
@@ -148,6 +150,35 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
             replayed=first, action=recorded,
             message=(f"replayed as sequence {recorded.sequence}" if first else
                      f"already replayed by {recorded.by} at {recorded.time}"))
+
+    async def RetryDeliberation(self, request: ops.RetryDeliberationRequest,
+                                context: grpc.aio.ServicerContext
+                                ) -> ops.RetryDeliberationResponse:
+        for name in ("deliberation_id", "by", "reason"):
+            if not getattr(request, name).strip():
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{name}: is required (retries are recorded: who and why)")
+        try:
+            retried, action = await retry.retry_failed(
+                self.store, request.deliberation_id, by=request.by, reason=request.reason)
+        except retry.NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"deliberation_id: {exc}")
+        except retry.Refused as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except StateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        recorded = ops.OperatorAction(by=action["by"], reason=action["reason"],
+                                      time=contract.iso(action["time_ms"]),
+                                      round=action["round"], agent_ids=action["agents"])
+        agents = ", ".join(action["agents"])
+        if retried:
+            logger.info("deliberation %s retried as round %d (%s) by %s: %s",
+                        request.deliberation_id, action["round"], agents, request.by,
+                        request.reason)
+        return ops.RetryDeliberationResponse(
+            retried=retried, action=recorded,
+            message=(f"round {action['round']} queued: {agents}" if retried else
+                     f"round {action['round']} by {recorded.by} at {recorded.time} is running"))
 
     # --- helpers ---
 

@@ -107,9 +107,25 @@ class Subjects:
         return f"{self.events}.{outcome}"
 
 
-def event_id(deliberation_id: str, event: str, agent_id: str = "") -> str:
-    """Deterministic ``Nats-Msg-Id``: a redelivered job publishes the same id again."""
-    return f"{deliberation_id}:{agent_id}:{event}" if agent_id else f"{deliberation_id}:{event}"
+def event_id(deliberation_id: str, event: str, agent_id: str = "", round: int = 1) -> str:
+    """Deterministic ``Nats-Msg-Id``: a redelivered job publishes the same id again. Events
+    of a retried round (``round`` 2 on, ``core.retry``) end in ``:r<round>``, so JetStream's
+    deduplication and the outbox do not take them for the first round's."""
+    base = f"{deliberation_id}:{agent_id}:{event}" if agent_id else f"{deliberation_id}:{event}"
+    return f"{base}:r{round}" if round > 1 else base
+
+
+def round_of(state: Mapping[str, Any]) -> int:
+    """The round a deliberation record or an agent record is in: 1 until a retry."""
+    return int(state.get("round") or 1)
+
+
+def _with_round(payload: Dict[str, Any], state: Mapping[str, Any]) -> Dict[str, Any]:
+    """``payload`` with ``round`` when ``state`` is past its first round: first-round
+    payloads stay as they were before retries existed (absent ``round`` means 1)."""
+    if round_of(state) > 1:
+        payload["round"] = round_of(state)
+    return payload
 
 
 def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str, Any]:
@@ -144,7 +160,7 @@ def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str
         common["error"] = agent.get("error", "")
         common["error_type"] = agent.get("error_type", "")
         common["retryable"] = bool(agent.get("retryable", False))
-    return common
+    return _with_round(common, agent)
 
 
 def deliberation_submitted(record: Mapping[str, Any], agents: List[Mapping[str, Any]]
@@ -167,7 +183,7 @@ def deliberation_event(record: Mapping[str, Any], agents: List[Mapping[str, Any]
     failed = [agent_event(record, a) for a in agents if a.get("status") == FAILED]
     created = int(record.get("created_ms") or 0)
     finished = int(record.get("finished_ms") or 0)
-    return {
+    return _with_round({
         "deliberation_id": record.get("id"),
         "task_id": record.get("task_id"),
         "status": record.get("status"),
@@ -179,4 +195,4 @@ def deliberation_event(record: Mapping[str, Any], agents: List[Mapping[str, Any]
         "duration_ms": max(0, finished - created) if finished else 0,
         "reason": record.get("cancel_reason", ""),
         "timestamp": iso(finished or created or None),
-    }
+    }, record)

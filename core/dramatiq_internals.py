@@ -91,6 +91,12 @@ def encode(queue: str, actor_name: str, kwargs: Dict[str, Any], options: Dict[st
     }, separators=(",", ":"))
 
 
+def dead_letter_key(queue: str) -> str:
+    """Zset of the queue's dead-lettered message ids (their messages: ``messages_key`` of
+    it), where a message that raised past its retries ends."""
+    return queue_key(xq_name(queue))
+
+
 def queue_depths(pipe: Any, queue: str) -> None:
     """Queue on ``pipe`` (sync or asyncio) the three depth reads of ``queue``, in this order:
     ready (messages no worker has fetched yet), delayed (every message waiting for its time,
@@ -98,7 +104,7 @@ def queue_depths(pipe: Any, queue: str) -> None:
     early, so the delay queue's list alone reads about 0), dead-lettered."""
     pipe.llen(queue_key(queue))
     pipe.hlen(messages_key(dq_name(queue)))
-    pipe.zcard(queue_key(xq_name(queue)))
+    pipe.zcard(dead_letter_key(queue))
 
 
 def unacked(pipe: Any, queue: str) -> None:

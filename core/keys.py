@@ -52,6 +52,11 @@ class Keys:
         """Stream: the deliberation's lifecycle events (``WatchDeliberation``)."""
         return f"{self.prefix}:d:{deliberation_id}:events"
 
+    def messages(self, deliberation_id: str) -> str:
+        """Hash: agent id -> the agent job's encoded Dramatiq message as submitted, from
+        which a retry (``core.retry``) enqueues it again."""
+        return f"{self.prefix}:d:{deliberation_id}:messages"
+
     def idempotency(self, key: str) -> str:
         """String: the deliberation id a task id (or idempotency key) was given."""
         return f"{self.prefix}:idem:{key}"

@@ -91,14 +91,14 @@ class Outbox:
         record = finished.record
         if record is None:
             return
-        status = next(a["status"] for a in finished.agents if a["agent_id"] == agent_id)
-        events = [(status, agent_id)]
+        agent = next(a for a in finished.agents if a["agent_id"] == agent_id)
+        events = [(agent["status"], agent_id, contract.round_of(agent))]
         if finished.what == "final":
-            events.append((finished.final, ""))
+            events.append((finished.final, "", contract.round_of(record)))
         await asyncio.gather(*(
-            self.send(contract.event_id(record["id"], event, who),
+            self.send(contract.event_id(record["id"], event, who, round),
                       *self._rendered(event, record, finished.agents, who))
-            for event, who in events))
+            for event, who, round in events))
 
     async def flush_due(self, limit: int = 200) -> int:
         """Claim entries whose lease passed and publish them."""

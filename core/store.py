@@ -5,11 +5,14 @@ One script per transition, so a crash or a Redis outage never leaves half a deli
 - ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
   the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
   at once. A second submit with the same key returns the first deliberation and pushes nothing.
-  One call records a whole group of deliberations, each on its own (``submit_all``).
+  One call records a whole group of deliberations, each on its own (``submit_all``). Each
+  agent's message is also kept with the deliberation, for a retry.
 - ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
   cancelled, or a redelivered message finds the agent already finished).
 - ``finish``: an agent's outcome; the last one also finishes the deliberation.
 - ``cancel``: the deliberation is cancelled unless it already ended.
+- ``retry`` (``core.retry``): a finished deliberation's failed agents queued again, as a new
+  round.
 
 Each lifecycle change appends to the deliberation's event stream (``WatchDeliberation``) and,
 for what goes to NATS, writes an outbox entry in the same script (see ``core.outbox``).
@@ -54,7 +57,8 @@ class Finished(NamedTuple):
 Submission = Tuple[str, Dict[str, Any], List[AgentJob], Optional[Dict[str, Any]]]
 
 
-def _event(event: str, **fields: Any) -> str:
+def lifecycle_event(event: str, **fields: Any) -> str:
+    """An entry of a deliberation's event stream (``WatchDeliberation``), as JSON."""
     return json.dumps({"event": event, "time_ms": contract.now_ms(), **fields})
 
 
@@ -149,8 +153,9 @@ class DeliberationStore:
         keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
                 dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
                 self.keys.index]
+        submitted = lifecycle_event("submitted", status=contract.QUEUED)
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
-                           WAKE_CHANNEL, queue, _event("submitted", status=contract.QUEUED)]
+                           WAKE_CHANNEL, queue, submitted]
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]
@@ -159,11 +164,12 @@ class DeliberationStore:
             records.append(record)
             keys += (self.keys.idempotency(idempotency_key),
                      self.keys.deliberation(deliberation_id),
-                     self.keys.agents(deliberation_id), self.keys.events(deliberation_id))
+                     self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
+                     self.keys.messages(deliberation_id))
             args += (deliberation_id, len(record), *chain.from_iterable(record.items()),
                      len(jobs))
             for job in jobs:
-                redis_id = _unique()
+                redis_id = unique_id()
                 args += (job.agent_id, json.dumps({
                     "agent_id": job.agent_id, "role": job.role, "model": job.model,
                     "index": job.agent_index, "status": contract.QUEUED, "attempts": 0,
@@ -176,9 +182,9 @@ class DeliberationStore:
         """Cancel unless already ended: ``(cancelled_now, status after the call)``."""
         keys = [self.keys.deliberation(deliberation_id), self.keys.events(deliberation_id),
                 self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
-                self.keys.agents(deliberation_id)]
+                self.keys.agents(deliberation_id), self.keys.messages(deliberation_id)]
         args = [deliberation_id, contract.now_ms(), reason,
-                _event("cancelled", status=contract.CANCELLED, reason=reason),
+                lifecycle_event("cancelled", status=contract.CANCELLED, reason=reason),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
         changed, status = await self.batcher.eval(self._cancel, keys, args)
         return bool(changed), str(status)
@@ -230,10 +236,15 @@ class DeliberationStore:
                     last = entry_id
                     event = json.loads(fields["event"])
                     yield event
-                    if event["event"] in contract.FINAL_STATUSES:
-                        return
+                    if event["event"] in contract.FINAL_STATUSES and \
+                            contract.round_of(event) >= await self._round(deliberation_id):
+                        return  # else a retry (core.retry) started a later round
             if not batches and not await self.batcher.guard(self.redis.exists(key)):
                 return
+
+    async def _round(self, deliberation_id: str) -> int:
+        record = self.keys.deliberation(deliberation_id)
+        return int(await self.batcher.guard(self.redis.hget(record, "round")) or 1)
 
     # --- the workers' side ---
 
@@ -244,7 +255,7 @@ class DeliberationStore:
         keys = [self.keys.deliberation(job.deliberation_id),
                 self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id)]
         args = [job.agent_id, contract.now_ms(), retry,
-                _event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
+                lifecycle_event("agent_started", agent_id=job.agent_id, status=contract.RUNNING,
                        retry=retry)]
         result = await self.batcher.eval(self._start, keys, args)
         return str(result[0]), int(result[1]) if len(result) > 1 else 0
@@ -264,8 +275,9 @@ class DeliberationStore:
                  "agent_id": job.agent_id}
         keys = [self.keys.deliberation(job.deliberation_id),
                 self.keys.agents(job.deliberation_id), self.keys.events(job.deliberation_id),
-                self.keys.active, self.keys.outbox, self.keys.outbox_due, self.keys.stats]
-        event = _event("agent_" + status, agent_id=job.agent_id, status=status,
+                self.keys.active, self.keys.outbox, self.keys.outbox_due, self.keys.stats,
+                self.keys.messages(job.deliberation_id)]
+        event = lifecycle_event("agent_" + status, agent_id=job.agent_id, status=status,
                        error=outcome.get("error", ""))
         args = [job.agent_id, now, json.dumps(outcome), event, event_id, json.dumps(entry),
                 self.settings.state_ttl_seconds, OUTBOX_LEASE_MS]
@@ -295,9 +307,9 @@ def _decode_agents(raw: List[str]) -> List[Dict[str, Any]]:
 
 
 def new_deliberation_id() -> str:
-    return f"delib-{_unique()}"
+    return f"delib-{unique_id()}"
 
 
-def _unique() -> str:
+def unique_id() -> str:
     """128 random bits in hex, as ``uuid4().hex`` but without building a UUID (4.8 -> 0.5 µs)."""
     return os.urandom(16).hex()

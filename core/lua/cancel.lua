@@ -1,5 +1,5 @@
 -- cancel: cancel a deliberation unless it has ended; returns the status after the call.
--- KEYS: record, events, active, stats, outbox, outbox due, agents
+-- KEYS: record, events, active, stats, outbox, outbox due, agents, messages
 -- ARGV: id, now ms, reason, event json, ttl s, lease ms
 -- Returns {1, 'cancelled'} when this call cancelled it, else {0, status}.
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -22,5 +22,5 @@ redis.call('XADD', KEYS[2], '*', 'event', ARGV[4])
 local event_id = ARGV[1] .. ':cancelled'
 redis.call('HSET', KEYS[5], event_id, cjson.encode({kind = 'deliberation', event = 'cancelled', deliberation_id = ARGV[1]}))
 redis.call('ZADD', KEYS[6], ARGV[2] + ARGV[6], event_id)
-for _, key in ipairs({KEYS[1], KEYS[2], KEYS[7]}) do redis.call('EXPIRE', key, ARGV[5]) end
+for _, key in ipairs({KEYS[1], KEYS[2], KEYS[7], KEYS[8]}) do redis.call('EXPIRE', key, ARGV[5]) end
 return {1, 'cancelled'}

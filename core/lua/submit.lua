@@ -3,7 +3,7 @@
 -- pcall, so one that Redis refuses (its idempotency key holds another type: the GET, before
 -- any write of it, fails) is answered with the error while the others are applied.
 -- KEYS: active, stats, queue list, queue msgs, outbox, outbox due, index,
---       then per submission: idempotency, record, agents, events
+--       then per submission: idempotency, record, agents, events, messages
 -- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json,
 --       then per submission: id, record field count, (field, value)..., agent count,
 --       (agent id, agent json, redis message id, encoded Dramatiq message)...
@@ -21,6 +21,7 @@ local function submit(k, i)
   local agents = tonumber(ARGV[i])
   for j = i + 1, i + 4 * agents, 4 do
     redis.call('HSET', KEYS[k + 2], ARGV[j], ARGV[j + 1])
+    redis.call('HSET', KEYS[k + 4], ARGV[j], ARGV[j + 3])  -- kept for a retry (retry.lua)
     redis.call('HSET', KEYS[4], ARGV[j + 2], ARGV[j + 3])  -- as Dramatiq's enqueue does
     redis.call('RPUSH', KEYS[3], ARGV[j + 2])
   end
@@ -46,7 +47,7 @@ while i <= #ARGV do
   results[#results + 1] = result[2]
   i = i + 2 + 2 * tonumber(ARGV[i + 1])  -- past the record, to the agent count
   i = i + 1 + 4 * tonumber(ARGV[i])  -- past the agents, to the next submission
-  k = k + 4
+  k = k + 5
 end
 -- Idle workers sleep between polls; this wakes them (actors.broker) to fetch at once. A
 -- failed wake-up only leaves them to their next poll, so it must not fail the call.

@@ -310,5 +310,5 @@ def test_a_submission_redis_refuses_mid_batch_alone_answers_unavailable(
     assert sorted(enqueued) == sorted(r.task_id for r in requests if r.task_id not in broken)
     assert client.hget(f"{bridge.prefix}:stats", "total") == "20"
     records = [client.hget(key, "task_id") for key in client.scan_iter(f"{bridge.prefix}:d:*")
-               if client.type(key) == "hash" and not key.endswith(":agents")]
+               if client.type(key) == "hash" and not key.endswith((":agents", ":messages"))]
     assert sorted(records) == sorted(enqueued)
