@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -147,7 +146,8 @@ def test_redis_restarts_while_workers_hold_running_jobs(
         assert standin.stats()["requests"] == 4  # no job ran twice
         client = redis.Redis.from_url(valkey.url)
         assert client.llen(f"dramatiq:{bridge.queue}") == 0
-        assert client.hlen(f"dramatiq:{bridge.queue}.msgs") == 0  # every message acked
+        # Dramatiq acks after the job has recorded its outcome, batched with its next fetch.
+        until(lambda: client.hlen(f"dramatiq:{bridge.queue}.msgs") == 0, "every message acked")
         client.close()
     finally:
         valkey.stop()
@@ -157,8 +157,8 @@ def test_redis_restarts_while_workers_hold_running_jobs(
 def test_two_worker_processes_share_one_request_rate_limit(
         start_bridge: Any, start_worker: Any, standin: StandinThread) -> None:
     """The rate windows are aligned to the clock (``t // window``): 6 calls at 2 per 3 s
-    window take three windows, never more than 2 in one, whichever of the two processes
-    made them. A limit kept per process would let 4 into one window."""
+    window, whichever of the two processes makes them, need three windows. A limit kept per
+    process lets 4 into one window: the calls take one or two."""
     window_ms, limit = 3000, 2
     bridge = start_bridge()
     start_worker(bridge, RAY_EXECUTOR_WORKER_PROCESSES="2",
@@ -171,11 +171,11 @@ def test_two_worker_processes_share_one_request_rate_limit(
     starts = sorted(json.loads(e.data_json)["time_ms"] for e in stub.WatchDeliberation(
         pb.WatchDeliberationRequest(deliberation_id=did)) if e.event == "agent_started")
     assert len(starts) == 6 and standin.stats()["requests"] == 6
-    # A job's start is recorded a little after the limiter let it in: one recorded just past
-    # a window's start may have been let in by the window before, so it is not counted.
-    counted = Counter(t // window_ms for t in starts if t % window_ms >= 250)
-    assert max(counted.values()) <= limit, starts
-    assert len({t // window_ms for t in starts}) >= 3, starts
+    # A start is recorded a little after the limiter let it in, so it can look later than its
+    # window but never earlier: three windows seen means at least three were used. (Counting
+    # per window cannot be done from these times: refused jobs are put back to arrive just as
+    # a window opens, and a start recorded then may belong to the window before.)
+    assert len({t // window_ms for t in starts}) >= -(-len(starts) // limit), starts
 
 
 @pytest.mark.slow
