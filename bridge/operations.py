@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import grpc
 from nats.js import JetStreamContext
@@ -100,21 +100,23 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
                                 f"limit: at most {MAX_PAGE}, got {request.limit}")
         js = await self._js(context)
         limit, sequence = request.limit or DEFAULT_PAGE, request.after_sequence
-        found = []
-        while len(found) < limit:
+        raws = []
+        while len(raws) <= limit:  # one past the page says whether there is a next page
             raw = await self._next(js, sequence + 1, context)
             if raw is None:
                 break
             sequence = raw.seq
-            found.append(await self._letter(raw, context, with_payload=False))
-        more = len(found) == limit and await self._next(js, sequence + 1, context) is not None
-        return ops.ListDeadLettersResponse(dead_letters=found,
-                                           next_after_sequence=sequence if more else 0)
+            raws.append(raw)
+        page = raws[:limit]
+        replays = await self._replays([raw.seq for raw in page], context)
+        return ops.ListDeadLettersResponse(
+            dead_letters=[self._letter(raw, recorded, with_payload=False)
+                          for raw, recorded in zip(page, replays)],
+            next_after_sequence=page[-1].seq if len(raws) > limit else 0)
 
     async def GetDeadLetter(self, request: ops.GetDeadLetterRequest,
                             context: grpc.aio.ServicerContext) -> ops.DeadLetter:
-        raw = await self._get(request.sequence, context)
-        return await self._letter(raw, context, with_payload=True)
+        return await self._full_letter(request.sequence, context)
 
     async def ReplayDeadLetter(self, request: ops.ReplayDeadLetterRequest,
                                context: grpc.aio.ServicerContext) -> ops.ReplayDeadLetterResponse:
@@ -122,8 +124,7 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
             if not getattr(request, name).strip():
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                     f"{name}: is required (replays are recorded: who and why)")
-        raw = await self._get(request.sequence, context)
-        letter = await self._letter(raw, context, with_payload=True)
+        letter = await self._full_letter(request.sequence, context)
         if letter.HasField("replayed"):
             return ops.ReplayDeadLetterResponse(
                 replayed=False, action=letter.replayed,
@@ -206,8 +207,26 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
                                 f"sequence: no dead letter {sequence} in stream {self.stream}")
         return raw
 
-    async def _letter(self, raw: Any, context: grpc.aio.ServicerContext, *,
-                      with_payload: bool) -> ops.DeadLetter:
+    async def _full_letter(self, sequence: int,
+                           context: grpc.aio.ServicerContext) -> ops.DeadLetter:
+        raw = await self._get(sequence, context)
+        (recorded,) = await self._replays([raw.seq], context)
+        return self._letter(raw, recorded, with_payload=True)
+
+    async def _replays(self, sequences: List[int],
+                       context: grpc.aio.ServicerContext) -> List[Optional[bytes]]:
+        """The recorded replay of each dead letter (None where none), in one round trip."""
+        if not sequences:
+            return []
+        try:
+            recorded: List[Optional[bytes]] = await self.store.batcher.guard(
+                self.store.redis.hmget(self.replays, [str(seq) for seq in sequences]))
+        except StateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return recorded
+
+    @staticmethod
+    def _letter(raw: Any, recorded: Optional[bytes], *, with_payload: bool) -> ops.DeadLetter:
         entry: Dict[str, Any] = json.loads(raw.data)
         letter = ops.DeadLetter(
             sequence=raw.seq, time=entry.get("timestamp", ""), reason=entry.get("reason", ""),
@@ -219,11 +238,6 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
             payload=entry.get("payload", "") if with_payload else "",
             headers={k: str(v) for k, v in (entry.get("headers") or {}).items()
                      if not k.lower().startswith("nats-")})
-        try:
-            recorded = await self.store.batcher.guard(
-                self.store.redis.hget(self.replays, str(raw.seq)))
-        except StateUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if recorded:
             letter.replayed.CopyFrom(ops.OperatorAction(**json.loads(recorded)))
         return letter
