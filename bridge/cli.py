@@ -80,7 +80,7 @@ def _submit_command(args: argparse.Namespace, settings: Settings) -> int:
                 return await _watch(client, reply.deliberation_id)
             return 0
 
-    return asyncio.run(submit())
+    return _calling(submit())
 
 
 async def _watch(client: RayExecutorClient, deliberation_id: str) -> int:
@@ -99,7 +99,7 @@ def _watch_command(args: argparse.Namespace, settings: Settings) -> int:
         async with _client(args, settings) as client:
             return await _watch(client, args.deliberation_id)
 
-    return asyncio.run(watch())
+    return _calling(watch())
 
 
 def _status_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -108,12 +108,14 @@ def _status_command(args: argparse.Namespace, settings: Settings) -> int:
     async def status() -> int:
         async with _client(args, settings) as client:
             if args.deliberation_id:
-                print(MessageToJson(await client.status(args.deliberation_id)))
+                found = await client.status(args.deliberation_id)
+                print(MessageToJson(found))
+                return 1 if found.status == "not_found" else 0
             else:
                 print(MessageToJson(await client.service_status()))
             return 0
 
-    return asyncio.run(status())
+    return _calling(status())
 
 
 def _cancel_command(args: argparse.Namespace, settings: Settings) -> int:

@@ -211,6 +211,14 @@ def test_the_commands_people_and_containers_run(
     assert status.returncode == 0
     record = json_format.Parse(status.stdout, pb.GetDeliberationStatusResponse())
     assert (record.status, record.task_id, record.completed_agents) == ("completed", "cli-1", 2)
+    unknown = cli("status", "delib-nope")
+    assert unknown.returncode == 1 and '"status": "not_found"' in unknown.stdout, unknown.stdout
+    nobody = f"127.0.0.1:{servers.free_port()}"
+    for command in (["status"], ["watch", did], ["submit", "Plan", "--roles", "DEV"]):
+        refused = cli(*command, "--target", nobody)  # one line with the status, exit 1
+        assert refused.returncode == 1, (command, refused.stdout)
+        assert refused.stderr.startswith("ray-executor: UNAVAILABLE: "), refused.stderr
+        assert "Traceback" not in refused.stderr, refused.stderr
 
     secret = dict(bridge.env, RAY_EXECUTOR_GRPC_TOKEN="s3cret-token")
     shown = cli("settings", env=secret)
