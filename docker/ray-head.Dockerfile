@@ -37,6 +37,10 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install "$(ls /wheels/ray_executor-*.whl)[cluster]"
 USER 1000
+# gRPC's fork handlers off: the Ray client proxier forks a specific server per client while
+# its gRPC threads run, and with the handlers on the child sometimes dies in gRPC's poller
+# before it execs (ray-project/ray#63202); the client then fails after a 30 s wait.
+ENV GRPC_ENABLE_FORK_SUPPORT=0
 # GCS, Ray client server, dashboard.
 EXPOSE 6379 10001 8265
 # Healthy when the GCS answers and the Ray client server (port 10001) reported itself within

@@ -165,6 +165,10 @@ def ray_head(workdir: Path, ray_binary: str, *, client_port: Optional[int] = Non
         "--include-dashboard=false", f"--num-cpus={num_cpus}",
         f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
     ]
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    # Without gRPC's fork handlers: with them, the client server's proxier (a gRPC server
+    # that forks each client's specific server) sometimes kills the child in gRPC's poller
+    # ("Check failed: next_worker->state == KICKED"), and that client waits 30 s to fail
+    # (ray-project/ray#63202). The forked child only execs, so it needs no handlers.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", GRPC_ENABLE_FORK_SUPPORT="0")
     return Server("ray", f"ray://127.0.0.1:{client_port}", client_port, args, env=env,
                   log_path=workdir / "ray.log")
