@@ -5,8 +5,10 @@ The two generations define the shared messages with the same field numbers, so a
 bytes convert it (``_as``); ours carry more fields, which the fleet answers drop. Three things
 differ and are adapted here: the renumbered ``ExecuteDeliberationResponse`` (the request's
 task_id echoed first), ``ExecuteBacklogReviewDeliberation`` (constraints without plan_id, a
-task_id format its results' consumer parses), and ``GetStatus``, whose stats upstream always
-returns.
+task_id format its results' consumer parses), ``GetStatus``, whose stats upstream always
+returns, and ``GetDeliberationStatus``'s words: upstream's clients know only
+``submitted|running|completed|failed|not_found``, so ``queued`` is answered ``running`` (upstream
+said running until every agent had ended) and ``cancelled`` is ``failed``, its message saying so.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import grpc
 from google.protobuf.message import Message
 
 from bridge.validation import InvalidRequest, check_backlog_review_task_id
+from core.contract import CANCELLED, FAILED, QUEUED, RUNNING
 from fleet.ray_executor.v1 import ray_executor_pb2 as fleet
 from fleet.ray_executor.v1 import ray_executor_pb2_grpc as fleet_rpc
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -108,9 +111,14 @@ class FleetServicer(fleet_rpc.RayExecutorServiceServicer):
     async def GetDeliberationStatus(self, request: fleet.GetDeliberationStatusRequest,
                                     context: grpc.aio.ServicerContext
                                     ) -> fleet.GetDeliberationStatusResponse:
-        status = await self.implementation.GetDeliberationStatus(
-            _as(request, pb.GetDeliberationStatusRequest), context)
-        return _as(status, fleet.GetDeliberationStatusResponse)
+        status = _as(await self.implementation.GetDeliberationStatus(
+            _as(request, pb.GetDeliberationStatusRequest), context),
+            fleet.GetDeliberationStatusResponse)
+        if status.status == QUEUED:
+            status.status = RUNNING
+        elif status.status == CANCELLED:  # its error_message reads "cancelled: <reason>"
+            status.status = FAILED
+        return status
 
     async def GetStatus(self, request: fleet.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> fleet.GetStatusResponse:

@@ -210,20 +210,6 @@ def test_other_bad_input_is_refused_naming_the_field_as_on_the_other_service(
         assert caught.value.details().startswith(field), caught.value.details()
 
 
-def test_the_execute_response_is_renumbered_task_id_first(bridge: BridgeProcess) -> None:
-    """The same reply bytes read by the fleet decoder and by ray_executor.v1's: field 1 is
-    the task_id, which an old decoder would take for the deliberation id."""
-    channel = grpc.insecure_channel(bridge.address)
-    raw = channel.unary_unary(f"/{FLEET}/ExecuteDeliberation",
-                              request_serializer=fleet.ExecuteDeliberationRequest.SerializeToString,
-                              response_deserializer=None)(orchestrator())
-    new = fleet.ExecuteDeliberationResponse.FromString(raw)
-    old = pb.ExecuteDeliberationResponse.FromString(raw)
-    assert new.task_id == "task-001" and new.deliberation_id.startswith("delib-")
-    assert new.status == "submitted" and "3 agents" in new.message
-    assert old.deliberation_id == "task-001" and old.status == new.deliberation_id
-
-
 def test_status_and_active_jobs_answer_upstreams_layout(bridge: BridgeProcess) -> None:
     stub = fleet_stub(bridge)
     reply = stub.ExecuteBacklogReviewDeliberation(backlog_review())
@@ -245,6 +231,23 @@ def test_status_and_active_jobs_answer_upstreams_layout(bridge: BridgeProcess) -
         stub.GetDeliberationStatus(fleet.GetDeliberationStatusRequest())
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.details().startswith("deliberation_id:")
+
+
+def test_status_words_are_upstreams(bridge: BridgeProcess) -> None:
+    """Upstream's clients know submitted|running|completed|failed|not_found: a queued
+    deliberation is running to them, a cancelled one failed (saying so)."""
+    stub = fleet_stub(bridge)
+    reply = stub.ExecuteBacklogReviewDeliberation(backlog_review())
+    request = fleet.GetDeliberationStatusRequest(deliberation_id=reply.deliberation_id)
+    ours = pb.GetDeliberationStatusRequest(deliberation_id=reply.deliberation_id)
+    assert bridge.stub().GetDeliberationStatus(ours).status == "queued"
+    assert stub.GetDeliberationStatus(request).status == "running"
+    bridge.stub().CancelDeliberation(pb.CancelDeliberationRequest(
+        deliberation_id=reply.deliberation_id, reason="story withdrawn"))
+    assert bridge.stub().GetDeliberationStatus(ours).status == "cancelled"
+    cancelled = stub.GetDeliberationStatus(request)
+    assert cancelled.status == "failed", cancelled
+    assert cancelled.error_message.startswith("cancelled: story withdrawn"), cancelled
 
 
 def finish_agents(bridge: BridgeProcess, jobs: List[Dict[str, Any]],
