@@ -106,6 +106,13 @@ class Settings:
         "How long a finished deliberation's state stays in Redis.",
         minimum=1,
     )
+    idempotency_ttl_seconds: int = _setting(
+        PREFIX + "IDEMPOTENCY_TTL_SECONDS",
+        7 * 24 * 3600,
+        "How long after its submission a task_id (or idempotency_key) keeps answering with "
+        "its deliberation; after that the same task_id starts a new one.",
+        minimum=1,
+    )
 
     # --- jobs ---
     job_timeout_seconds: int = _setting(

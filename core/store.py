@@ -155,7 +155,7 @@ class DeliberationStore:
                 self.keys.index]
         submitted = lifecycle_event("submitted", status=contract.QUEUED)
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
-                           WAKE_CHANNEL, queue, submitted]
+                           WAKE_CHANNEL, queue, submitted, self.settings.idempotency_ttl_seconds]
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]

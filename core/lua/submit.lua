@@ -5,16 +5,16 @@
 -- KEYS: active, stats, queue list, queue msgs, outbox, outbox due, index,
 --       then per submission: idempotency, record, agents, events, messages
 -- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json,
---       then per submission: id, record field count, (field, value)..., agent count,
+--       idempotency ttl s, then per submission: id, record field count, (field, value)..., agent count,
 --       (agent id, agent json, redis message id, encoded Dramatiq message)...
 -- Returns per submission: 1, id (recorded); 0, the existing id; -1, Redis's error.
-local now, ttl, due, event = ARGV[1], ARGV[2], ARGV[3], ARGV[6]
+local now, ttl, due, event, once = ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7]
 
 local function submit(k, i)
   local id = ARGV[i]
   local existing = redis.call('GET', KEYS[k])
   if existing then return {0, existing} end
-  redis.call('SET', KEYS[k], id, 'EX', ttl)
+  redis.call('SET', KEYS[k], id, 'EX', once)
   local fields = tonumber(ARGV[i + 1])
   redis.call('HSET', KEYS[k + 1], unpack(ARGV, i + 2, i + 1 + 2 * fields))
   i = i + 2 + 2 * fields
@@ -38,7 +38,7 @@ end
 -- The listing index keeps what the state TTL keeps (records expire that long after they end).
 redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', now - ttl * 1000)
 local results, created = {}, false
-local i, k = 7, 8
+local i, k = 8, 8
 while i <= #ARGV do
   local ok, result = pcall(submit, k, i)
   if not ok then result = {-1, type(result) == 'table' and result.err or tostring(result)} end

@@ -6,7 +6,7 @@ import asyncio
 import json
 import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import grpc
 import pytest
@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bridge.client import DeliberationFailed, DeliberationTimeout, RayExecutorClient
 from bridge.grpc_server import best_result
+from core.keys import Keys
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
 from tests.bridge.conftest import BridgeProcess, request, run_stock_worker
@@ -80,6 +81,25 @@ def test_same_task_or_idempotency_key_is_submitted_once(bridge: BridgeProcess,
     two = stub.ExecuteDeliberation(request(agents=1, constraints=keyed))  # other task_id
     assert one.deliberation_id == two.deliberation_id
     assert len(queued(redis_url, bridge)) == 3
+
+
+def test_past_the_idempotency_ttl_the_same_task_id_starts_a_new_deliberation(
+        start_bridge: Callable[..., BridgeProcess], redis_url: str) -> None:
+    """Upstream ran every call anew; a task_id reused after the window is new work."""
+    bridge = start_bridge(RAY_EXECUTOR_IDEMPOTENCY_TTL_SECONDS="2")
+    client = redis.Redis.from_url(redis_url)
+    key = Keys(bridge.prefix).idempotency("task:ceremony-1:story-2:role-QA")
+    req = request(task_id="ceremony-1:story-2:role-QA", agents=1)
+    first = bridge.stub().ExecuteDeliberation(req)
+    assert 0 < client.ttl(key) <= 2  # the window, not the state's 7 days
+    until(lambda: not client.exists(key), "the idempotency key to expire", 30)
+    second = bridge.stub().ExecuteDeliberation(req)
+    assert second.deliberation_id != first.deliberation_id and second.status == "submitted"
+    assert "already submitted" not in second.message
+    old = bridge.stub().GetDeliberationStatus(
+        pb.GetDeliberationStatusRequest(deliberation_id=first.deliberation_id))
+    assert old.status == "queued"  # the first one's state stays
+    assert len(queued(redis_url, bridge)) == 2
 
 
 BAD_REQUESTS = {
