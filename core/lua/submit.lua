@@ -4,8 +4,8 @@
 -- any write of it, fails) is answered with the error while the others are applied.
 -- KEYS: active, stats, queue list, queue msgs, outbox, outbox due, index,
 --       then per submission: idempotency, record, agents, events, messages
--- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json,
---       idempotency ttl s, then per submission: id, record field count, (field, value)..., agent count,
+-- ARGV: now ms, ttl s, due ms, wake channel, queue name, submitted event json, idempotency
+--       ttl s, then per submission: id, record field count, (field, value)..., agent count,
 --       (agent id, agent json, redis message id, encoded Dramatiq message)...
 -- Returns per submission: 1, id (recorded); 0, the existing id; -1, Redis's error.
 local now, ttl, due, event, once = ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7]
