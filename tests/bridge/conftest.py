@@ -69,9 +69,16 @@ def start_bridge(redis_url: str, nats_url: str, tmp_path: Path
         return bridge
 
     yield start
+    hung = []
     for bridge in started:
         if bridge.process.poll() is None:
-            bridge.stop()
+            try:
+                bridge.stop()
+            except subprocess.TimeoutExpired:  # killed, so no bridge outlives its test
+                bridge.process.kill()
+                bridge.process.wait(10)
+                hung.append(bridge.log.name)
+    assert not hung, f"bridges that did not stop within 30 s of SIGTERM (killed): {hung}"
 
 
 class Channel:
