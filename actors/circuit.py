@@ -46,10 +46,13 @@ _FAILURE = """
 local failures = redis.call('HINCRBY', KEYS[1], 'failures', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3] * 10)
 if failures >= tonumber(ARGV[2]) or redis.call('GET', KEYS[2]) == ARGV[4] then
-  redis.call('HSET', KEYS[1], 'opened_until', ARGV[1] + ARGV[3])
+  local opened_until = ARGV[1] + ARGV[3]
+  redis.call('HSET', KEYS[1], 'opened_until', opened_until)
+  redis.call('HSET', KEYS[3], ARGV[5], opened_until)
   redis.call('DEL', KEYS[2])
   return 1
 end
+redis.call('HSETNX', KEYS[3], ARGV[5], 0)
 return 0
 """
 
@@ -113,16 +116,17 @@ class CircuitBreaker(dramatiq.Middleware):
         keys = self._keys(endpoint)
         error_type = exception.error_type if isinstance(exception, ClassifiedError) else ""
         if exception is None or error_type not in SERVER_SIDE:
-            if exception is None and dirty:
-                self.runtime.redis(("DEL", *keys))  # a success closes the circuit
+            if exception is None and dirty:  # a success closes the circuit
+                self.runtime.redis(("DEL", *keys), ("HDEL", self.keys.circuit_index, endpoint))
             return
         self._clean_until.pop(endpoint, None)
         actor = broker.get_actor(message.actor_name)
         threshold = int(message.options.get("circuit_failures", actor.options.get(
             "circuit_failures", self.settings.circuit_failures)))
-        opened = self.runtime.eval(_FAILURE, keys, [int(time.time() * 1000), threshold,
-                                                    self._cooldown_ms(broker, message),
-                                                    message.message_id])
+        opened = self.runtime.eval(_FAILURE, [*keys, self.keys.circuit_index],
+                                   [int(time.time() * 1000), threshold,
+                                    self._cooldown_ms(broker, message), message.message_id,
+                                    endpoint])
         if opened:
             metrics.get().circuit_open.inc()
             logger.warning("circuit opened for %s after %s", redact(endpoint),

@@ -6,7 +6,8 @@ Degraded, with every reason, when:
 - NATS is configured but not connected (events wait in the outbox);
 - no worker process of the queue has beaten within ``RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT``
   (jobs wait in the queue; the workers list themselves, ``core.keys.Keys.workers``);
-- more than ``DEGRADED_BACKLOG`` messages wait in the queue.
+- more than ``DEGRADED_BACKLOG`` messages wait in the queue;
+- a vLLM endpoint's circuit is open (``actors.circuit``: its jobs wait for the cooldown).
 
 The bridge still takes requests while degraded: they wait in Redis for what is missing.
 """
@@ -22,6 +23,7 @@ from typing import Any, Dict, Optional, Tuple
 import redis.exceptions
 
 from core.errors import StateUnavailable
+from core.logs import redact
 from core.settings import Settings
 from core.store import DeliberationStore
 
@@ -58,6 +60,7 @@ async def assess(store: DeliberationStore, settings: Settings, nats: Any
     try:
         counts = await store.stats()
         workers = await live_workers(store, settings)
+        circuits = await store.redis.hgetall(store.keys.circuit_index)
     except (StateUnavailable, redis.exceptions.RedisError) as exc:
         return Health((f"Redis unreachable: {exc}", *reasons)), None
     if not workers:
@@ -65,6 +68,11 @@ async def assess(store: DeliberationStore, settings: Settings, nats: Any
                        f"{settings.worker_heartbeat_timeout} s): jobs wait")
     if counts["ready"] >= DEGRADED_BACKLOG:
         reasons.append(f"{counts['ready']} messages waiting")
+    now_ms = time.time() * 1000
+    for endpoint, opened_until in sorted(circuits.items()):
+        if float(opened_until) > now_ms:
+            reasons.append(f"vLLM endpoint {redact(endpoint)}: circuit open for "
+                           f"{(float(opened_until) - now_ms) / 1000:.0f} s more, its jobs wait")
     return Health(tuple(reasons)), counts
 
 

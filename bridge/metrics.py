@@ -6,7 +6,7 @@ scales on (``ray_executor_queue_depth{queue,state}``; states ``ready``, ``delaye
 jobs pending (ready, delayed or running) against the route's capacity, which the worker
 autoscalers scale on (``ray_executor_route_pending_jobs{route}``,
 ``ray_executor_route_capacity{route}``; one route, ``default``, until routes are configurable).
-``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' records
+X
 (``actors.circuit``). Deliberation totals come from the shared Redis counters, so every bridge
 replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
 replica accepted or refused.
@@ -113,16 +113,9 @@ class QueueCollector:
         yield from (depth, totals, circuits, pending, capacity, up)
 
     def _circuits(self) -> Dict[str, float]:
-        """``opened_until`` (ms, 0 when closed) of every endpoint with a circuit record; the
-        records expire on their own once an endpoint stops failing."""
-        prefix = self.keys.circuits + ":"
-        names = [key for key in self.redis.scan_iter(match=prefix + "*", count=1000)
-                 if not key.endswith(":probe")]
-        with self.redis.pipeline(transaction=False) as pipe:
-            for key in names:
-                pipe.hget(key, "opened_until")
-            values = pipe.execute()
-        return {key[len(prefix):]: float(value or 0) for key, value in zip(names, values)}
+        """``opened_until`` (ms, 0 when closed) of every endpoint with failures recorded."""
+        return {endpoint: float(until)
+                for endpoint, until in self.redis.hgetall(self.keys.circuit_index).items()}
 
 
 def serve(settings: Settings, health: Callable[[], Health]) -> Optional[ThreadingHTTPServer]:

@@ -29,6 +29,9 @@ class Keys:
         self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent
         # hash per vLLM endpoint (``url|model``): failures, opened_until ms (actors.circuit)
         self.circuits = f"{prefix}:circuit"
+        # hash: endpoint -> opened_until ms (0: failures recorded, closed); what health and
+        # metrics read instead of scanning the keyspace for circuit records
+        self.circuit_index = f"{prefix}:circuits"
         self.limits = f"{prefix}:limit"
         # hash: dead letter's stream sequence -> JSON of its replay (by, reason, time, sequence)
         self.replays = f"{prefix}:dlq:replays"

@@ -171,9 +171,19 @@ def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> No
     assert sample(text, "ray_executor_circuit_open", endpoint=redact(f"{failing}|m")) == 1
     assert sample(text, "ray_executor_circuit_open", endpoint=f"{wobbly}|m") == 0
     assert text.count("ray_executor_circuit_open{") == 3 and "s3cret" not in text
+    # GetStatus names each open circuit (credentials redacted), until its cooldown is over.
+    message = bridge.stub().GetStatus(pb.GetStatusRequest()).message
+    assert f"vLLM endpoint {redact(failing)}|m: circuit open for " in message, message
+    assert f"vLLM endpoint {cooling}|m: circuit open" in message, message
+    assert wobbly not in message and "s3cret" not in message, message
     until(lambda: sample(scrape(bridge), "ray_executor_circuit_open",
                          endpoint=f"{cooling}|m") == 0, "the 3 s cooldown over on the gauge")
-    breaker.before_process_message(broker, job(cooling, 3))  # half-open: this job probes
+    message = bridge.stub().GetStatus(pb.GetStatusRequest()).message
+    assert cooling not in message and f"{redact(failing)}|m: circuit open" in message, message
+    # Its cooldown over, a probe's success closes it: the endpoint leaves the gauge.
+    probe = job(cooling, 3)
+    breaker.before_process_message(broker, probe)  # half-open: this one goes through
+    breaker.after_process_message(broker, probe)
     text = scrape(bridge)
-    assert sample(text, "ray_executor_circuit_open", endpoint=f"{cooling}|m") == 0
-    assert text.count("ray_executor_circuit_open{") == 3, "the probe's lock is no endpoint"
+    assert f'endpoint="{cooling}|m"' not in text
+    assert text.count("ray_executor_circuit_open{") == 2, text
