@@ -7,9 +7,10 @@ jobs pending (ready, delayed or running) against the route's capacity, which the
 autoscalers scale on (``ray_executor_route_pending_jobs{route}``,
 ``ray_executor_route_capacity{route}``; one route, ``default``, until routes are configurable).
 ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' index
-(``actors.circuit``, ``core.keys.Keys.circuit_index``): one hash read, no keyspace scan. Deliberation totals come from the shared Redis counters, so every bridge
-replica reports the same numbers; ``ray_executor_ingress_requests_total`` counts what this
-replica accepted or refused.
+(``actors.circuit``, ``core.keys.Keys.circuit_index``): one hash read, no keyspace scan.
+Deliberation totals come from the shared Redis counters, so every bridge replica reports the
+same numbers; ``ray_executor_ingress_requests_total`` counts what this replica accepted or
+refused.
 """
 
 from __future__ import annotations
