@@ -34,6 +34,7 @@ class Behaviour:
     hang: bool = False
     garbage: bool = False
     reset: bool = False
+    hold: bool = False  # chat requests wait (before their latency) until it is set false
 
     def faulty(self) -> bool:
         return self.status != 200 or self.hang or self.garbage or self.reset
@@ -68,6 +69,7 @@ def _checked(name: str, value: Any) -> Any:
         "hang": lambda: isinstance(value, bool),
         "garbage": lambda: isinstance(value, bool),
         "reset": lambda: isinstance(value, bool),
+        "hold": lambda: isinstance(value, bool),
     }
     if name not in valid:
         raise ControlError(f"unknown setting {name!r} (known: {', '.join(valid)})")

@@ -15,9 +15,11 @@ Behaviour fields: ``latency`` (seconds before every chat answer, whatever the an
 ``status`` (non-200: answer that status with an OpenAI-style error), ``retry_after`` (adds a
 ``Retry-After`` header to error answers), ``hang`` (never answer until the client goes away),
 ``garbage`` (answer 200 with a body that is not JSON), ``reset`` (close the connection without
-answering) and ``fail_count``: how many next chat requests get the fault (``status``, ``hang``,
-``garbage`` or ``reset``); -1 means all of them. Once they are used up the faults are cleared
-and requests succeed again. Setting a fault without ``fail_count`` sets it to -1.
+answering), ``hold`` (every chat request waits until ``hold`` is set false again: a test fills
+a concurrency limit exactly, whatever the machine's speed) and ``fail_count``: how many next
+chat requests get the fault (``status``, ``hang``, ``garbage`` or ``reset``); -1 means all of
+them. Once they are used up the faults are cleared and requests succeed again. Setting a fault
+without ``fail_count`` sets it to -1.
 
 Pure asyncio: one coroutine per connection and no thread per request, so thousands of slow
 requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` bodies only.
@@ -40,7 +42,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from harness.standin_behaviour import Behaviour, ControlError, Stats, completion
 from harness.standin_http import (
@@ -80,6 +82,7 @@ class StandinLLM:
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._closing = False
+        self._released: Optional[asyncio.Event] = None  # set while requests are not held
 
     @property
     def url(self) -> str:
@@ -88,6 +91,8 @@ class StandinLLM:
     async def start(self) -> StandinLLM:
         raise_fd_limit()
         self._closing = False
+        self._released = asyncio.Event()  # made on the server's loop (Python 3.9 binds it)
+        self._sync_hold()
         self._server = await asyncio.start_server(self._serve, self.host, self.port,
                                                   backlog=_BACKLOG)
         self.port = int(self._server.sockets[0].getsockname()[1])
@@ -118,18 +123,24 @@ class StandinLLM:
     def control(self, **changes: Any) -> Dict[str, Any]:
         """Change the behaviour (call on the server's loop); returns the new behaviour."""
         self.behaviour.update(changes)
+        self._sync_hold()
         logger.info("stand-in LLM behaviour: %s", dataclasses.asdict(self.behaviour))
         return dataclasses.asdict(self.behaviour)
 
     def reset(self) -> None:
         """Back to the behaviour given at start; counters zeroed (``in_flight`` is live)."""
         self.behaviour = dataclasses.replace(self._initial)
+        self._sync_hold()
         in_flight = self.counters.in_flight
         self.counters = Stats(in_flight=in_flight, peak_in_flight=in_flight)
         self.traceparents.clear()
 
     def stats(self) -> Dict[str, int]:
         return dataclasses.asdict(self.counters)
+
+    def _sync_hold(self) -> None:
+        if self._released is not None:
+            (self._released.clear if self.behaviour.hold else self._released.set)()
 
     # --- connections ---
 
@@ -240,6 +251,10 @@ class StandinLLM:
         counters.in_flight += 1
         counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
         try:
+            if self.behaviour.hold and self._released is not None and \
+                    not await self._wait_unless_gone(conn, None, self._released.wait()):
+                self.counters.cancelled += 1
+                return False
             latency = self.behaviour.latency
             fault = self._take_fault()
             wait = None if fault is not None and fault.hang else latency
@@ -282,15 +297,19 @@ class StandinLLM:
             self.counters.in_flight -= 1
 
     @staticmethod
-    async def _wait_unless_gone(conn: Connection, seconds: Optional[float]) -> bool:
-        """Wait ``seconds`` (None: forever); False if the client went away meanwhile."""
+    async def _wait_unless_gone(conn: Connection, seconds: Optional[float],
+                                until: Optional[Awaitable[Any]] = None) -> bool:
+        """Wait ``seconds`` (None: forever) or until ``until`` is done; False if the client
+        went away meanwhile."""
         watcher = asyncio.ensure_future(conn.gone())
+        waits = [watcher] if until is None else [watcher, asyncio.ensure_future(until)]
         try:
-            await asyncio.wait([watcher], timeout=seconds)
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            if not watcher.done():
-                watcher.cancel()
-                await asyncio.wait([watcher])  # no two reads of the stream at once
+            for wait in waits:
+                if not wait.done():
+                    wait.cancel()
+                    await asyncio.wait([wait])  # no two reads of the stream at once
         return watcher.cancelled()  # cancelled by us: the wait ended with the client there
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -130,6 +131,21 @@ def test_status_fail_count_and_retry_after(llm: StandinThread) -> None:
     assert status == 200 and json.loads(body)["status"] == 200
     assert chat(llm.url)[0] == 200
     assert llm.stats()["requests"] == 1  # reset zeroed the counters
+
+
+def test_hold_keeps_requests_until_released(llm: StandinThread) -> None:
+    """Held requests stay in flight however long the test takes; releasing answers them all,
+    and requests after that are not held."""
+
+    llm.control(hold=True)
+    with ThreadPoolExecutor(5) as pool:
+        answers = [pool.submit(chat, llm.url) for _ in range(5)]
+        until(lambda: llm.stats()["in_flight"] == 5, "five requests held")
+        assert not any(answer.done() for answer in answers)
+        llm.control(hold=False)
+        assert [answer.result(timeout=30)[0] for answer in answers] == [200] * 5
+    assert chat(llm.url)[0] == 200
+    assert llm.stats()["completed"] == 6 and llm.stats()["peak_in_flight"] == 5
 
 
 def test_invalid_control(llm: StandinThread) -> None:
