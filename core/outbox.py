@@ -21,7 +21,7 @@ import contextlib
 import json
 import logging
 import ssl
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import nats
 from nats.aio.client import Client as NATS
@@ -29,7 +29,7 @@ from nats.js import JetStreamContext
 from nats.js.api import StreamConfig
 from nats.js.errors import NotFoundError
 
-from core import contract, tracing
+from core import contract, envelope, tracing
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.logs import redact
@@ -74,6 +74,7 @@ class Outbox:
         self.store = store
         self.js = js
         self.subjects = subjects
+        self.envelope = store.settings.event_format == "envelope"
         self._claim = store.redis.register_script(_CLAIM)
         # (event id, subject, payload, headers, outcome) waiting for this turn's batch
         self._queued: List[Tuple[str, str, Dict[str, Any], Dict[str, str], asyncio.Future]] = []
@@ -212,15 +213,28 @@ class Outbox:
 
     def _rendered(self, event: str, record: Dict[str, str], agents: List[Dict[str, Any]],
                   agent_id: str = "") -> tuple:
-        """Subject, payload and headers of a deliberation's ``event`` (of one of its agents
+        """Subject, body and headers of a deliberation's ``event`` (of one of its agents
         when ``agent_id`` is given), from its state."""
         if agent_id:
             agent = next(a for a in agents if a["agent_id"] == agent_id)
-            return self.subjects.agent(event), contract.agent_event(record, agent), \
-                _headers(record)
+            body = self.body(
+                self.subjects.agent(event), contract.agent_result_event(record, agent),
+                contract.event_id(record["id"], event, agent_id, contract.round_of(agent)),
+                record)
+            return self.subjects.agent_result(event, record), body, _headers(record)
         payload = (contract.deliberation_submitted(record, agents) if event == "submitted"
                    else contract.deliberation_event(record, agents))
-        return self.subjects.deliberation(event), payload, _headers(record)
+        subject = self.subjects.deliberation(event)
+        event_id = contract.event_id(record["id"], event, round=contract.round_of(record))
+        return subject, self.body(subject, payload, event_id, record), _headers(record)
+
+    def body(self, event_type: str, payload: Dict[str, Any], event_id: str,
+             record: Mapping[str, Any]) -> Dict[str, Any]:
+        """What is published for ``payload``: itself, or its EventEnvelope when
+        ``RAY_EXECUTOR_EVENT_FORMAT`` is ``envelope`` (``core.envelope``)."""
+        if self.envelope:
+            return envelope.wrap(event_type, payload, event_id, record)
+        return payload
 
     async def _forget(self, *event_ids: str) -> None:
         keys = self.store.keys
@@ -230,6 +244,7 @@ class Outbox:
 
 def _context(payload: Dict[str, Any], headers: Dict[str, str]) -> Dict[str, str]:
     """Log fields of an event."""
+    payload = payload.get("payload", payload)  # an envelope's
     log = {"deliberation_id": payload.get("deliberation_id") or "",
            "task_id": payload.get("task_id") or ""}
     if payload.get("agent_id"):

@@ -21,6 +21,7 @@ PREFIX = "RAY_EXECUTOR_"
 WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")  # a pod name fits
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+EVENT_FORMATS = ("json", "envelope")
 
 
 class SettingsError(ValueError):
@@ -232,6 +233,12 @@ class Settings:
         "orchestration.deliberation",
         "Subject prefix of deliberation events.",
     )
+    event_format: str = _setting(
+        PREFIX + "EVENT_FORMAT", "json",
+        "Body of every published event: `json` (the payload itself) or `envelope` (upstream's "
+        "EventEnvelope: `event_type`, `payload`, `idempotency_key`, `correlation_id`, "
+        "`timestamp`, `producer`, `metadata`).",
+    )
     nats_tls_ca: str = _setting(
         PREFIX + "NATS_TLS_CA",
         "",
@@ -312,6 +319,10 @@ class Settings:
         if self.log_format not in ("json", "text"):
             raise SettingsError(
                 f"{PREFIX}LOG_FORMAT: expected 'json' or 'text', got {self.log_format!r}"
+            )
+        if self.event_format not in EVENT_FORMATS:
+            raise SettingsError(
+                f"{PREFIX}EVENT_FORMAT: expected 'json' or 'envelope', got {self.event_format!r}"
             )
         if self.worker_id and not WORKER_ID.fullmatch(self.worker_id):
             raise SettingsError(
