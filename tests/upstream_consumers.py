@@ -15,6 +15,7 @@ import datetime
 import json
 from typing import Any, Dict, List
 
+import nats
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -49,6 +50,21 @@ async def read(js: JetStreamContext, stream: str, subject: str, durable: str, co
         f"more than {count} messages on {subject}: {info.num_pending} left"
     await sub.unsubscribe()
     return bodies
+
+
+def read_all(nats_url: str, stream: str, reads: Dict[str, Any],
+             timeout: float = 60) -> Dict[str, List[Dict[str, Any]]]:
+    """{durable: bodies} for each ``durable: (subject, count)`` (``read``), in that order."""
+    async def main() -> Dict[str, List[Dict[str, Any]]]:
+        nc = await nats.connect(nats_url)
+        try:
+            js = nc.jetstream()
+            return {durable: await read(js, stream, subject, durable, count, timeout)
+                    for durable, (subject, count) in reads.items()}
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
 
 
 def iso_time(value: Any) -> datetime.datetime:

@@ -102,6 +102,31 @@ def channel(nats_url: str) -> Iterator[Channel]:
     asyncio.run(delete())
 
 
+class Responses:
+    """One test's responses stream and subject prefix (as bridge environment)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.stream = f"RESP_{tag}"
+        self.prefix = f"t{tag}.agent.response"
+        self.env = {"RAY_EXECUTOR_NATS_RESPONSES_STREAM": self.stream,
+                    "RAY_EXECUTOR_NATS_RESPONSES_PREFIX": self.prefix}
+
+
+@pytest.fixture
+def responses(nats_url: str) -> Iterator[Responses]:
+    made = Responses()
+    yield made
+
+    async def delete() -> None:
+        nc = await nats.connect(nats_url)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(made.stream)
+        await nc.close()
+
+    asyncio.run(delete())
+
+
 @pytest.fixture
 def bridge(start_bridge: Callable[..., BridgeProcess]) -> BridgeProcess:
     return start_bridge()

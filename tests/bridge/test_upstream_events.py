@@ -8,12 +8,8 @@ collector does."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import uuid
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict
 
-import nats
 import pytest
 from dramatiq.brokers.redis import RedisBroker
 
@@ -21,7 +17,7 @@ from core.contract import COMPLETED, FAILED
 from core.settings import Settings, SettingsError
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests import upstream_consumers as consumers
-from tests.bridge.conftest import BridgeProcess, run_stock_worker
+from tests.bridge.conftest import BridgeProcess, Responses, run_stock_worker
 from tests.bridge.test_fleet_api import (
     PLAN,
     STORY,
@@ -33,31 +29,6 @@ from tests.bridge.test_fleet_api import (
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
-
-
-class Responses:
-    """One test's responses stream and subject prefix (as bridge environment)."""
-
-    def __init__(self) -> None:
-        tag = uuid.uuid4().hex[:8]
-        self.stream = f"RESP_{tag}"
-        self.prefix = f"t{tag}.agent.response"
-        self.env = {"RAY_EXECUTOR_NATS_RESPONSES_STREAM": self.stream,
-                    "RAY_EXECUTOR_NATS_RESPONSES_PREFIX": self.prefix}
-
-
-@pytest.fixture
-def responses(nats_url: str) -> Iterator[Responses]:
-    made = Responses()
-    yield made
-
-    async def delete() -> None:
-        nc = await nats.connect(nats_url)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(made.stream)
-        await nc.close()
-
-    asyncio.run(delete())
 
 
 def orchestrator_request(task_id: str) -> pb.ExecuteDeliberationRequest:
@@ -86,21 +57,6 @@ def failed(error: str) -> Dict[str, Any]:
     return {"status": FAILED, "error": error, "error_type": "unavailable", "retryable": True}
 
 
-def read_all(nats_url: str, stream: str,
-             reads: Dict[str, Any]) -> Dict[str, List[Dict[str, Any]]]:
-    """{durable: bodies} for each ``durable: (subject, count)``."""
-    async def main() -> Dict[str, List[Dict[str, Any]]]:
-        nc = await nats.connect(nats_url)
-        try:
-            js = nc.jetstream()
-            return {durable: await consumers.read(js, stream, subject, durable, count)
-                    for durable, (subject, count) in reads.items()}
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
-
-
 def test_every_enveloped_consumer_reads_what_it_needs(
         start_bridge: Callable[..., BridgeProcess], responses: Responses, redis_url: str,
         nats_url: str) -> None:
@@ -121,7 +77,7 @@ def test_every_enveloped_consumer_reads_what_it_needs(
         "orch-dev-2": failed("vLLM 503"),
     })
     prefix = responses.prefix
-    read = read_all(nats_url, responses.stream, {
+    read = consumers.read_all(nats_url, responses.stream, {
         "backlog-review-processor-backlog-review-role-v2":
             (f"{prefix}.completed.backlog-review.role", 2),
         "task-derivation-result-consumer": (f"{prefix}.completed", 2),
@@ -202,7 +158,7 @@ def test_the_raw_json_collector_reads_plain_events(
     bridge.stub().ExecuteDeliberation(orchestrator_request("orch-task-2"))
     run_agents(bridge, redis_url, 2, {"orch-dev-1": done("Token bucket"),
                                       "orch-dev-2": failed("vLLM 503")})
-    read = read_all(nats_url, responses.stream, {
+    read = consumers.read_all(nats_url, responses.stream, {
         "deliberation-collector-completed-v3": (f"{responses.prefix}.completed", 1),
         "deliberation-collector-failed-v3": (f"{responses.prefix}.failed", 1),
     })
