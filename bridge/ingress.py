@@ -128,6 +128,7 @@ class Ingress:
         self.outbox.send(event_id, subject, self.outbox.body(
             subject, contract.deliberation_submitted(stored, agents), event_id, stored),
             dict(trace))
+        self.outbox.send_stream_start(stored)
 
     def _publish_later(self, event_id: str) -> None:
         if self.outbox is not None:

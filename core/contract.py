@@ -94,11 +94,18 @@ class Subjects:
         self.events = settings.nats_events_prefix
         self.deliberate = f"{self.commands}.deliberate"
         self.dead_letter = f"{self.commands}.dlq.deliberate"
+        self.streaming = settings.nats_streaming_prefix
         self.streams = {
             settings.nats_commands_stream: [f"{self.commands}.>"],
             settings.nats_responses_stream: [f"{self.responses}.>"],
             settings.nats_events_stream: [f"{self.events.split('.')[0]}.>"],
+            settings.nats_streaming_stream: [f"{self.streaming}.>"],
         }
+        # (max age in seconds, max messages) of each stream the service creates; 0: none
+        stream_limits = (settings.nats_stream_max_age, settings.nats_stream_max_msgs)
+        self.limits = {name: stream_limits for name in self.streams}
+        self.limits[settings.nats_events_stream] = (settings.nats_events_max_age,
+                                                    settings.nats_events_max_msgs)
 
     def agent(self, outcome: str) -> str:
         """``agent.response.completed|failed|progress``."""
@@ -111,6 +118,10 @@ class Subjects:
             return self.agent(outcome)
         kind = task_types.task_type(metadata_of(record))
         return self.agent(outcome) + task_types.completed_suffix(kind)
+
+    def stream_start(self, deliberation_id: str) -> str:
+        """``vllm.streaming.<deliberation_id>``."""
+        return f"{self.streaming}.{deliberation_id}"
 
     def deliberation(self, outcome: str) -> str:
         """``orchestration.deliberation.submitted|completed|failed|cancelled``."""
@@ -231,6 +242,22 @@ def deliberation_submitted(record: Mapping[str, Any], agents: List[Mapping[str, 
         "num_agents": int(record.get("num_agents") or len(agents)),
         "agents": [{"agent_id": a["agent_id"], "role": a.get("role", "")} for a in agents],
         "timestamp": iso(int(record.get("created_ms") or 0) or None),
+    }
+
+
+def stream_start(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """Payload of ``vllm.streaming.<deliberation_id>`` when a deliberation is accepted, as
+    upstream's service published it (``agent_id`` is the deliberation id there, ``timestamp``
+    epoch seconds)."""
+    return {
+        "type": "vllm_stream_start",
+        "agent_id": record.get("id"),
+        "deliberation_id": record.get("id"),
+        "task_id": record.get("task_id"),
+        "timestamp": int(record.get("created_ms") or now_ms()) / 1000,
+        "role": record.get("role", ""),
+        "status": "streaming",
+        "model": record.get("model", ""),
     }
 
 

@@ -222,6 +222,29 @@ class Settings:
     nats_events_stream: str = _setting(
         PREFIX + "NATS_EVENTS_STREAM", "ORCHESTRATOR_EVENTS", "Stream of `orchestration.>`."
     )
+    nats_streaming_stream: str = _setting(
+        PREFIX + "NATS_STREAMING_STREAM", "VLLM_STREAMING", "Stream of `vllm.streaming.>`."
+    )
+    nats_stream_max_age: int = _setting(
+        PREFIX + "NATS_STREAM_MAX_AGE", 3600,
+        "Seconds the commands, responses and streaming streams keep a message, when the "
+        "service creates them (discard old, file storage); 0: no limit.", minimum=0,
+    )
+    nats_stream_max_msgs: int = _setting(
+        PREFIX + "NATS_STREAM_MAX_MSGS", 10000,
+        "Messages the commands, responses and streaming streams keep, when the service "
+        "creates them; 0: no limit.", minimum=0,
+    )
+    nats_events_max_age: int = _setting(
+        PREFIX + "NATS_EVENTS_MAX_AGE", 604800,
+        "Seconds the deliberation events' stream keeps a message, when the service creates "
+        "it; 0: no limit.", minimum=0,
+    )
+    nats_events_max_msgs: int = _setting(
+        PREFIX + "NATS_EVENTS_MAX_MSGS", 50000,
+        "Messages the deliberation events' stream keeps, when the service creates it; 0: no "
+        "limit.", minimum=0,
+    )
     nats_commands_prefix: str = _setting(
         PREFIX + "NATS_COMMANDS_PREFIX", "agent.cmd", "Subject prefix of commands."
     )
@@ -232,6 +255,11 @@ class Settings:
         PREFIX + "NATS_EVENTS_PREFIX",
         "orchestration.deliberation",
         "Subject prefix of deliberation events.",
+    )
+    nats_streaming_prefix: str = _setting(
+        PREFIX + "NATS_STREAMING_PREFIX", "vllm.streaming",
+        "Subject prefix of the `vllm_stream_start` event of each accepted deliberation "
+        "(`<prefix>.<deliberation_id>`).",
     )
     event_format: str = _setting(
         PREFIX + "EVENT_FORMAT", "json",

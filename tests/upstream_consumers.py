@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import nats
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StreamConfig
 
 ENVELOPE_FIELDS = ("event_type", "payload", "idempotency_key", "correlation_id", "timestamp",
                    "producer")
@@ -61,6 +61,18 @@ def read_all(nats_url: str, stream: str, reads: Dict[str, Any],
             js = nc.jetstream()
             return {durable: await read(js, stream, subject, durable, count, timeout)
                     for durable, (subject, count) in reads.items()}
+        finally:
+            await nc.close()
+
+    return asyncio.run(main())
+
+
+def stream_config(nats_url: str, stream: str) -> StreamConfig:
+    """The configuration of ``stream``."""
+    async def main() -> StreamConfig:
+        nc = await nats.connect(nats_url)
+        try:
+            return (await nc.jetstream().stream_info(stream)).config
         finally:
             await nc.close()
 

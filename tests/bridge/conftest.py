@@ -103,14 +103,19 @@ def channel(nats_url: str) -> Iterator[Channel]:
 
 
 class Responses:
-    """One test's responses stream and subject prefix (as bridge environment)."""
+    """One test's responses and streaming streams and subject prefixes (as bridge
+    environment)."""
 
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:8]
         self.stream = f"RESP_{tag}"
         self.prefix = f"t{tag}.agent.response"
+        self.streaming_stream = f"STREAMING_{tag}"
+        self.streaming_prefix = f"t{tag}.vllm.streaming"
         self.env = {"RAY_EXECUTOR_NATS_RESPONSES_STREAM": self.stream,
-                    "RAY_EXECUTOR_NATS_RESPONSES_PREFIX": self.prefix}
+                    "RAY_EXECUTOR_NATS_RESPONSES_PREFIX": self.prefix,
+                    "RAY_EXECUTOR_NATS_STREAMING_STREAM": self.streaming_stream,
+                    "RAY_EXECUTOR_NATS_STREAMING_PREFIX": self.streaming_prefix}
 
 
 @pytest.fixture
@@ -120,8 +125,9 @@ def responses(nats_url: str) -> Iterator[Responses]:
 
     async def delete() -> None:
         nc = await nats.connect(nats_url)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(made.stream)
+        for stream in (made.stream, made.streaming_stream):
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(stream)
         await nc.close()
 
     asyncio.run(delete())

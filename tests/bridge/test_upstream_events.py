@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict
 
 import pytest
 from dramatiq.brokers.redis import RedisBroker
+from nats.js.api import DiscardPolicy, StorageType
 
 from core.contract import COMPLETED, FAILED
 from core.settings import Settings, SettingsError
@@ -147,6 +148,20 @@ def test_every_enveloped_consumer_reads_what_it_needs(
     assert {body["producer"] for body in everything} == {"ray-executor"}
     assert {body["event_type"] for body in everything} == {f"{prefix}.completed",
                                                             f"{prefix}.failed"}
+
+    # One vllm_stream_start per accepted deliberation, on a stream that captures them.
+    starts = consumers.read_all(nats_url, responses.streaming_stream, {
+        "monitoring": (f"{responses.streaming_prefix}.>", 3)})["monitoring"]
+    for start in starts:
+        consumers.parse_required_envelope(start)
+        assert start["event_type"] == f"{responses.streaming_prefix}.vllm_stream_start"
+        assert (start["payload"]["type"], start["payload"]["status"]) == \
+            ("vllm_stream_start", "streaming")
+    assert {s["payload"]["deliberation_id"] for s in starts} == set(by_deliberation)
+    # The streams the service made have upstream's limits.
+    config = consumers.stream_config(nats_url, responses.stream)
+    assert (config.max_age, config.max_msgs, config.discard, config.storage) == \
+        (3600, 10000, DiscardPolicy.OLD, StorageType.FILE)
 
 
 def test_the_raw_json_collector_reads_plain_events(
