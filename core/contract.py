@@ -101,11 +101,15 @@ class Subjects:
             settings.nats_events_stream: [f"{self.events.split('.')[0]}.>"],
             settings.nats_streaming_stream: [f"{self.streaming}.>"],
         }
-        # (max age in seconds, max messages) of each stream the service creates; 0: none
+        # (max age in seconds, max messages) of each stream the service creates; 0: none.
+        # Commands have none: a burst past a limit, while no bridge consumes, would drop the
+        # oldest requests unread.
         stream_limits = (settings.nats_stream_max_age, settings.nats_stream_max_msgs)
-        self.limits = {name: stream_limits for name in self.streams}
-        self.limits[settings.nats_events_stream] = (settings.nats_events_max_age,
-                                                    settings.nats_events_max_msgs)
+        self.limits = {settings.nats_commands_stream: (0, 0),
+                       settings.nats_responses_stream: stream_limits,
+                       settings.nats_streaming_stream: stream_limits,
+                       settings.nats_events_stream: (settings.nats_events_max_age,
+                                                     settings.nats_events_max_msgs)}
 
     def agent(self, outcome: str) -> str:
         """``agent.response.completed|failed|progress``."""

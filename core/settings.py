@@ -227,13 +227,14 @@ class Settings:
     )
     nats_stream_max_age: int = _setting(
         PREFIX + "NATS_STREAM_MAX_AGE", 3600,
-        "Seconds the commands, responses and streaming streams keep a message, when the "
-        "service creates them (discard old, file storage); 0: no limit.", minimum=0,
+        "Seconds the responses and streaming streams keep a message, when the service creates "
+        "them (discard old, file storage; the commands stream gets no limit); 0: no limit.",
+        minimum=0,
     )
     nats_stream_max_msgs: int = _setting(
         PREFIX + "NATS_STREAM_MAX_MSGS", 10000,
-        "Messages the commands, responses and streaming streams keep, when the service "
-        "creates them; 0: no limit.", minimum=0,
+        "Messages the responses and streaming streams keep, when the service creates them; "
+        "0: no limit.", minimum=0,
     )
     nats_events_max_age: int = _setting(
         PREFIX + "NATS_EVENTS_MAX_AGE", 604800,

@@ -88,18 +88,23 @@ class Channel:
         self.subjects = Subjects(Settings.from_env(self.env))
 
 
+def delete_streams(nats_url: str, *names: str) -> None:
+    """Delete a test's streams (those that exist)."""
+    async def delete() -> None:
+        nc = await nats.connect(nats_url)
+        for name in names:
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(name)
+        await nc.close()
+
+    asyncio.run(delete())
+
+
 @pytest.fixture
 def channel(nats_url: str) -> Iterator[Channel]:
     chan = Channel()
     yield chan
-
-    async def delete() -> None:
-        nc = await nats.connect(nats_url)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(chan.stream)
-        await nc.close()
-
-    asyncio.run(delete())
+    delete_streams(nats_url, chan.stream)
 
 
 class Responses:
@@ -122,15 +127,7 @@ class Responses:
 def responses(nats_url: str) -> Iterator[Responses]:
     made = Responses()
     yield made
-
-    async def delete() -> None:
-        nc = await nats.connect(nats_url)
-        for stream in (made.stream, made.streaming_stream):
-            with contextlib.suppress(Exception):
-                await nc.jetstream().delete_stream(stream)
-        await nc.close()
-
-    asyncio.run(delete())
+    delete_streams(nats_url, made.stream, made.streaming_stream)
 
 
 @pytest.fixture
