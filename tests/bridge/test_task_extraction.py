@@ -49,7 +49,8 @@ def test_a_task_extraction_publishes_the_canonical_event_and_a_bad_answer_fails_
         (good_id, STORY, CEREMONY)
     # The stand-in answers a placeholder that fits the schema it was sent: one task.
     assert extracted["tasks"] == [{"title": "stand-in", "description": "stand-in",
-                                   "estimated_hours": 0.5, "deliberation_indices": []}]
+                                   "estimated_hours": 0.5, "deliberation_indices": []}], \
+        (event, standin.sampling())
     payload = event["payload"]
     assert set(payload) >= {"task_id", "story_id", "ceremony_id", "tasks", "model",
                             "timestamp", "duration_ms", "validated_at"}
