@@ -123,9 +123,12 @@ class Ingress:
         if self.outbox is None:
             return
         agents = [{"agent_id": job.agent_id, "role": job.role} for job in plan.jobs]
-        self.outbox.send(contract.event_id(deliberation_id, "submitted"),
-                         self.outbox.subjects.deliberation("submitted"),
-                         contract.deliberation_submitted(stored, agents), dict(trace))
+        event_id = contract.event_id(deliberation_id, "submitted")
+        subject = self.outbox.subjects.deliberation("submitted")
+        self.outbox.send(event_id, subject, self.outbox.body(
+            subject, contract.deliberation_submitted(stored, agents), event_id, stored),
+            dict(trace))
+        self.outbox.send_stream_start(stored)
 
     def _publish_later(self, event_id: str) -> None:
         if self.outbox is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import re
 import unicodedata
 from typing import Any, Dict, FrozenSet, List, Tuple
@@ -98,6 +99,9 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
     record = {
         "id": deliberation_id, "task_id": task_id, "role": task_role,
         "story_id": story_id, "plan_id": plan_id, "vllm_url": vllm_url, "model": model,
+        # for the events' constraints (core.contract.constraints_of)
+        "timeout_seconds": jobs[0].timeout_seconds, "max_retries": jobs[0].max_retries,
+        "metadata": json.dumps(metadata) if metadata else "",
     }
     key = metadata.get(IDEMPOTENCY_METADATA_KEY) or f"task:{task_id}"
     return Plan(idempotency_key=key, record=record, jobs=jobs)

@@ -8,7 +8,9 @@ from typing import Any, Dict, Optional
 
 from cluster.kinds import job_kind
 from cluster.vllm import call_vllm, resolve_url
+from core import task_types
 from core.contract import VLLM_AGENT, AgentJob
+from core.errors import INVALID_RESPONSE, LLMError
 
 _session: Optional[Any] = None  # one aiohttp session per runner: connections are reused
 
@@ -31,4 +33,10 @@ async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
     base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
     started = time.perf_counter()
     result = await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds)
+    if task_types.task_type(job.metadata) == task_types.TASK_EXTRACTION:
+        try:
+            task_types.tasks_of(result["content"])
+        except ValueError as exc:  # the same prompt at temperature 0 gets the same answer
+            raise LLMError(f"task extraction answer does not match its schema: {exc}",
+                           INVALID_RESPONSE, retryable=False, status=200) from None
     return {**result, "latency_ms": int((time.perf_counter() - started) * 1000)}

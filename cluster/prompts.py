@@ -13,6 +13,7 @@ import json
 import string
 from typing import Any, Dict, List, Mapping
 
+from core import task_types
 from core.contract import AgentJob
 from core.errors import LLMError
 
@@ -145,7 +146,8 @@ def temperature(agent_index: int) -> float:
 
 
 def sampling(job: AgentJob) -> Dict[str, Any]:
-    """Sampling parameters of the request: temperature, max_tokens, response_format."""
+    """Sampling parameters of the request: temperature, max_tokens, response_format (a
+    task-extraction job's own schema at temperature 0, ``core.task_types``)."""
     params: Dict[str, Any] = {"temperature": temperature(job.agent_index),
                               "max_tokens": DEFAULT_MAX_TOKENS}
     raw = job.metadata.get("max_tokens")
@@ -158,7 +160,10 @@ def sampling(job: AgentJob) -> Dict[str, Any]:
             raise LLMError(f"metadata max_tokens must be a positive integer, not {raw!r}",
                            "invalid_request", False)
     schema = job.metadata.get("response_format")
-    if schema is not None and str(schema).strip():
+    if task_types.task_type(job.metadata) == task_types.TASK_EXTRACTION:
+        # upstream's consumer needs exactly this shape, and the same answer each time
+        params.update(temperature=0.0, response_format=task_types.response_format())
+    elif schema is not None and str(schema).strip():
         params["response_format"] = _response_format(schema)
     return params
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
+from core import task_types
 from core.settings import Settings
 
 # Deliberation and agent statuses.
@@ -92,15 +94,38 @@ class Subjects:
         self.events = settings.nats_events_prefix
         self.deliberate = f"{self.commands}.deliberate"
         self.dead_letter = f"{self.commands}.dlq.deliberate"
+        self.streaming = settings.nats_streaming_prefix
         self.streams = {
             settings.nats_commands_stream: [f"{self.commands}.>"],
             settings.nats_responses_stream: [f"{self.responses}.>"],
             settings.nats_events_stream: [f"{self.events.split('.')[0]}.>"],
+            settings.nats_streaming_stream: [f"{self.streaming}.>"],
         }
+        # (max age in seconds, max messages) of each stream the service creates; 0: none.
+        # Commands have none: a burst past a limit, while no bridge consumes, would drop the
+        # oldest requests unread.
+        stream_limits = (settings.nats_stream_max_age, settings.nats_stream_max_msgs)
+        self.limits = {settings.nats_commands_stream: (0, 0),
+                       settings.nats_responses_stream: stream_limits,
+                       settings.nats_streaming_stream: stream_limits,
+                       settings.nats_events_stream: (settings.nats_events_max_age,
+                                                     settings.nats_events_max_msgs)}
 
     def agent(self, outcome: str) -> str:
         """``agent.response.completed|failed|progress``."""
         return f"{self.responses}.{outcome}"
+
+    def agent_result(self, outcome: str, record: Mapping[str, Any]) -> str:
+        """The subject of an agent's ``outcome``: a completed agent's is routed by its
+        request's ``metadata.task_type`` (``core.task_types``)."""
+        if outcome != COMPLETED:
+            return self.agent(outcome)
+        kind = task_types.task_type(metadata_of(record))
+        return self.agent(outcome) + task_types.completed_suffix(kind)
+
+    def stream_start(self, deliberation_id: str) -> str:
+        """``vllm.streaming.<deliberation_id>``."""
+        return f"{self.streaming}.{deliberation_id}"
 
     def deliberation(self, outcome: str) -> str:
         """``orchestration.deliberation.submitted|completed|failed|cancelled``."""
@@ -128,8 +153,37 @@ def _with_round(payload: Dict[str, Any], state: Mapping[str, Any]) -> Dict[str, 
     return payload
 
 
+def metadata_of(record: Mapping[str, Any]) -> Dict[str, str]:
+    """The request's ``constraints.metadata`` kept in a deliberation record (JSON there)."""
+    raw = record.get("metadata")
+    if isinstance(raw, str):
+        return json.loads(raw) if raw else {}
+    return dict(raw or {})
+
+
+def constraints_of(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The request's constraints as upstream's worker passed them on (and its consumers read
+    them back): ``timeout`` (upstream's worker's name) beside ``timeout_seconds``, and
+    ``num_agents`` (an int) and ``story_id`` added to the metadata."""
+    metadata: Dict[str, Any] = dict(metadata_of(record))
+    metadata["num_agents"] = int(record.get("num_agents") or 0)
+    if record.get("story_id") and not metadata.get("story_id"):
+        metadata["story_id"] = record["story_id"]
+    timeout = int(record.get("timeout_seconds") or 0)
+    return {"story_id": record.get("story_id", ""), "plan_id": record.get("plan_id", ""),
+            "timeout_seconds": timeout, "timeout": timeout,
+            "max_retries": int(record.get("max_retries") or 0), "metadata": metadata}
+
+
 def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str, Any]:
-    """Payload of ``agent.response.completed`` or ``agent.response.failed``."""
+    """Payload of ``agent.response.completed`` or ``agent.response.failed``, with every field
+    upstream's consumers read (``../shared/design/UPSTREAM.md`` §4) beside our own: the
+    caller's ``metadata.task_id`` as ``task_id`` of a completed agent (in ``metadata`` of a
+    failed one), ``story_id`` and ``plan_id`` at the top, the ``constraints``, ``success``,
+    and for a completed agent ``result.proposal`` as text and empty ``operations``,
+    ``artifacts`` and ``audit_trail``."""
+    metadata = metadata_of(record)
+    original_task_id = metadata.get("task_id") or record.get("task_id")
     common = {
         "task_id": record.get("task_id"),
         "deliberation_id": record.get("id"),
@@ -141,8 +195,13 @@ def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str
         "timestamp": iso(int(agent.get("end_ms") or 0) or None),
         "model": agent.get("model", ""),
         "num_agents": int(record.get("num_agents") or 0),
+        "story_id": record.get("story_id", ""),
+        "plan_id": record.get("plan_id", ""),
+        "constraints": constraints_of(record),
+        "success": agent["status"] == COMPLETED,
     }
     if agent["status"] == COMPLETED:
+        common["task_id"] = original_task_id
         result = agent.get("result") or {}
         common["model"] = result.get("model") or common["model"]
         common["proposal"] = {
@@ -156,11 +215,25 @@ def agent_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str
         common["reasoning"] = result.get("reasoning", "")
         common["score"] = float(result.get("score") or 0.0)
         common["usage"] = result.get("usage") or {}
+        common["result"] = {"proposal": common["proposal"]["content"]}
+        common.update(operations=[], artifacts={}, audit_trail=[], enable_tools=False)
     else:
         common["error"] = agent.get("error", "")
         common["error_type"] = agent.get("error_type", "")
         common["retryable"] = bool(agent.get("retryable", False))
+        common["metadata"] = {"task_id": original_task_id}
     return _with_round(common, agent)
+
+
+def agent_result_event(record: Mapping[str, Any], agent: Mapping[str, Any]) -> Dict[str, Any]:
+    """The payload published for an agent's outcome: ``agent_event``, or for a completed
+    task-extraction agent the canonical event its consumer reads (``core.task_types``)."""
+    payload = agent_event(record, agent)
+    metadata = metadata_of(record)
+    if agent["status"] == COMPLETED and \
+            task_types.task_type(metadata) == task_types.TASK_EXTRACTION:
+        return _with_round(task_types.task_extraction_event(payload, metadata), agent)
+    return payload
 
 
 def deliberation_submitted(record: Mapping[str, Any], agents: List[Mapping[str, Any]]
@@ -173,6 +246,22 @@ def deliberation_submitted(record: Mapping[str, Any], agents: List[Mapping[str, 
         "num_agents": int(record.get("num_agents") or len(agents)),
         "agents": [{"agent_id": a["agent_id"], "role": a.get("role", "")} for a in agents],
         "timestamp": iso(int(record.get("created_ms") or 0) or None),
+    }
+
+
+def stream_start(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """Payload of ``vllm.streaming.<deliberation_id>`` when a deliberation is accepted, as
+    upstream's service published it (``agent_id`` is the deliberation id there, ``timestamp``
+    epoch seconds)."""
+    return {
+        "type": "vllm_stream_start",
+        "agent_id": record.get("id"),
+        "deliberation_id": record.get("id"),
+        "task_id": record.get("task_id"),
+        "timestamp": int(record.get("created_ms") or now_ms()) / 1000,
+        "role": record.get("role", ""),
+        "status": "streaming",
+        "model": record.get("model", ""),
     }
 
 

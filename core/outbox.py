@@ -21,15 +21,15 @@ import contextlib
 import json
 import logging
 import ssl
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from core import contract, tracing
+from core import contract, envelope, tracing
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.logs import redact
@@ -39,6 +39,7 @@ from core.store import OUTBOX_LEASE_MS, DeliberationStore, Finished
 logger = logging.getLogger("ray_executor.outbox")
 
 DUPLICATE_WINDOW_SECONDS = 600.0  # longer than any outage an entry may wait out in a lease
+STREAM_START = "vllm_stream_start"
 ACK_TIMEOUT_SECONDS = 5.0  # past this an unacked publish counts as failed; its entry stays
 
 _CLAIM = """
@@ -49,15 +50,23 @@ return ids
 
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
-    """Create the project's streams when missing (the table in docs/architecture.md)."""
+    """Create the project's streams when missing (the table in docs/architecture.md), with
+    upstream's kind of limits (``Subjects.limits``): file storage, the oldest discarded."""
     for name, stream_subjects in subjects.streams.items():
         try:
             await js.stream_info(name)
         except NotFoundError:
+            max_age, max_msgs = subjects.limits[name]
+            # JetStream refuses a duplicate window longer than the stream's max age
+            window = min(DUPLICATE_WINDOW_SECONDS, max_age) if max_age else \
+                DUPLICATE_WINDOW_SECONDS
             await js.add_stream(StreamConfig(
-                name=name, subjects=stream_subjects, duplicate_window=DUPLICATE_WINDOW_SECONDS,
+                name=name, subjects=stream_subjects, duplicate_window=window,
+                retention=RetentionPolicy.LIMITS, storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD, max_age=max_age or None, max_msgs=max_msgs or -1,
             ))
-            logger.info("created stream %s for %s", name, stream_subjects)
+            logger.info("created stream %s for %s (max age %ss, max %s messages)", name,
+                        stream_subjects, max_age or "∞", max_msgs or "∞")
 
 
 class Outbox:
@@ -74,6 +83,7 @@ class Outbox:
         self.store = store
         self.js = js
         self.subjects = subjects
+        self.envelope = store.settings.event_format == "envelope"
         self._claim = store.redis.register_script(_CLAIM)
         # (event id, subject, payload, headers, outcome) waiting for this turn's batch
         self._queued: List[Tuple[str, str, Dict[str, Any], Dict[str, str], asyncio.Future]] = []
@@ -208,19 +218,44 @@ class Outbox:
         agent_id = entry["agent_id"] if entry["kind"] == "agent" else ""
         if agent_id and not any(a["agent_id"] == agent_id for a in agents):
             return None
+        if entry["event"] == "submitted" and not agent_id:  # its companion, not kept apart
+            self.send_stream_start(record)
         return self._rendered(entry["event"], record, agents, agent_id)
+
+    def send_stream_start(self, record: Mapping[str, Any]) -> asyncio.Future:
+        """Publish ``vllm.streaming.<deliberation_id>`` for an accepted deliberation, with its
+        ``submitted`` event (whose outbox entry, while it waits, stands for both: JetStream
+        drops a second copy by its ``Nats-Msg-Id``)."""
+        event_id = contract.event_id(record["id"], STREAM_START)
+        subject = self.subjects.stream_start(record["id"])
+        return self.send(event_id, subject, self.body(
+            f"{self.subjects.streaming}.{STREAM_START}", contract.stream_start(record),
+            event_id, record), _headers(record))
 
     def _rendered(self, event: str, record: Dict[str, str], agents: List[Dict[str, Any]],
                   agent_id: str = "") -> tuple:
-        """Subject, payload and headers of a deliberation's ``event`` (of one of its agents
+        """Subject, body and headers of a deliberation's ``event`` (of one of its agents
         when ``agent_id`` is given), from its state."""
         if agent_id:
             agent = next(a for a in agents if a["agent_id"] == agent_id)
-            return self.subjects.agent(event), contract.agent_event(record, agent), \
-                _headers(record)
+            body = self.body(
+                self.subjects.agent(event), contract.agent_result_event(record, agent),
+                contract.event_id(record["id"], event, agent_id, contract.round_of(agent)),
+                record)
+            return self.subjects.agent_result(event, record), body, _headers(record)
         payload = (contract.deliberation_submitted(record, agents) if event == "submitted"
                    else contract.deliberation_event(record, agents))
-        return self.subjects.deliberation(event), payload, _headers(record)
+        subject = self.subjects.deliberation(event)
+        event_id = contract.event_id(record["id"], event, round=contract.round_of(record))
+        return subject, self.body(subject, payload, event_id, record), _headers(record)
+
+    def body(self, event_type: str, payload: Dict[str, Any], event_id: str,
+             record: Mapping[str, Any]) -> Dict[str, Any]:
+        """What is published for ``payload``: itself, or its EventEnvelope when
+        ``RAY_EXECUTOR_EVENT_FORMAT`` is ``envelope`` (``core.envelope``)."""
+        if self.envelope:
+            return envelope.wrap(event_type, payload, event_id, record)
+        return payload
 
     async def _forget(self, *event_ids: str) -> None:
         keys = self.store.keys
@@ -230,6 +265,7 @@ class Outbox:
 
 def _context(payload: Dict[str, Any], headers: Dict[str, str]) -> Dict[str, str]:
     """Log fields of an event."""
+    payload = payload.get("payload", payload)  # an envelope's
     log = {"deliberation_id": payload.get("deliberation_id") or "",
            "task_id": payload.get("task_id") or ""}
     if payload.get("agent_id"):

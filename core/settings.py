@@ -21,6 +21,7 @@ PREFIX = "RAY_EXECUTOR_"
 WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")  # a pod name fits
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+EVENT_FORMATS = ("json", "envelope")
 
 
 class SettingsError(ValueError):
@@ -228,6 +229,30 @@ class Settings:
     nats_events_stream: str = _setting(
         PREFIX + "NATS_EVENTS_STREAM", "ORCHESTRATOR_EVENTS", "Stream of `orchestration.>`."
     )
+    nats_streaming_stream: str = _setting(
+        PREFIX + "NATS_STREAMING_STREAM", "VLLM_STREAMING", "Stream of `vllm.streaming.>`."
+    )
+    nats_stream_max_age: int = _setting(
+        PREFIX + "NATS_STREAM_MAX_AGE", 3600,
+        "Seconds the responses and streaming streams keep a message, when the service creates "
+        "them (discard old, file storage; the commands stream gets no limit); 0: no limit.",
+        minimum=0,
+    )
+    nats_stream_max_msgs: int = _setting(
+        PREFIX + "NATS_STREAM_MAX_MSGS", 10000,
+        "Messages the responses and streaming streams keep, when the service creates them; "
+        "0: no limit.", minimum=0,
+    )
+    nats_events_max_age: int = _setting(
+        PREFIX + "NATS_EVENTS_MAX_AGE", 604800,
+        "Seconds the deliberation events' stream keeps a message, when the service creates "
+        "it; 0: no limit.", minimum=0,
+    )
+    nats_events_max_msgs: int = _setting(
+        PREFIX + "NATS_EVENTS_MAX_MSGS", 50000,
+        "Messages the deliberation events' stream keeps, when the service creates it; 0: no "
+        "limit.", minimum=0,
+    )
     nats_commands_prefix: str = _setting(
         PREFIX + "NATS_COMMANDS_PREFIX", "agent.cmd", "Subject prefix of commands."
     )
@@ -238,6 +263,17 @@ class Settings:
         PREFIX + "NATS_EVENTS_PREFIX",
         "orchestration.deliberation",
         "Subject prefix of deliberation events.",
+    )
+    nats_streaming_prefix: str = _setting(
+        PREFIX + "NATS_STREAMING_PREFIX", "vllm.streaming",
+        "Subject prefix of the `vllm_stream_start` event of each accepted deliberation "
+        "(`<prefix>.<deliberation_id>`).",
+    )
+    event_format: str = _setting(
+        PREFIX + "EVENT_FORMAT", "json",
+        "Body of every published event: `json` (the payload itself) or `envelope` (upstream's "
+        "EventEnvelope: `event_type`, `payload`, `idempotency_key`, `correlation_id`, "
+        "`timestamp`, `producer`, `metadata`).",
     )
     nats_tls_ca: str = _setting(
         PREFIX + "NATS_TLS_CA",
@@ -319,6 +355,10 @@ class Settings:
         if self.log_format not in ("json", "text"):
             raise SettingsError(
                 f"{PREFIX}LOG_FORMAT: expected 'json' or 'text', got {self.log_format!r}"
+            )
+        if self.event_format not in EVENT_FORMATS:
+            raise SettingsError(
+                f"{PREFIX}EVENT_FORMAT: expected 'json' or 'envelope', got {self.event_format!r}"
             )
         if self.worker_id and not WORKER_ID.fullmatch(self.worker_id):
             raise SettingsError(

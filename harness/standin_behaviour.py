@@ -35,6 +35,7 @@ class Behaviour:
     garbage: bool = False
     reset: bool = False
     hold: bool = False  # chat requests wait (before their latency) until it is set false
+    content: Optional[str] = None  # answer every chat with this content (e.g. a bad answer)
 
     def faulty(self) -> bool:
         return self.status != 200 or self.hang or self.garbage or self.reset
@@ -70,6 +71,7 @@ def _checked(name: str, value: Any) -> Any:
         "garbage": lambda: isinstance(value, bool),
         "reset": lambda: isinstance(value, bool),
         "hold": lambda: isinstance(value, bool),
+        "content": lambda: value is None or isinstance(value, str),
     }
     if name not in valid:
         raise ControlError(f"unknown setting {name!r} (known: {', '.join(valid)})")
@@ -131,8 +133,10 @@ def placeholder(schema: Any, depth: int = 0) -> Any:
     return simple.get(kind, "stand-in")
 
 
-def completion(request: Any, default_model: str) -> Dict[str, Any]:
-    """The chat completion the stand-in answers to ``request`` (the decoded JSON body)."""
+def completion(request: Any, default_model: str, content: Optional[str] = None
+               ) -> Dict[str, Any]:
+    """The chat completion the stand-in answers to ``request`` (the decoded JSON body):
+    ``content`` as the answer when given, else an echo or a placeholder for its schema."""
     if not isinstance(request, dict):
         raise HttpError(400, "the body must be a JSON object")
     messages = request.get("messages")
@@ -150,8 +154,8 @@ def completion(request: Any, default_model: str) -> Dict[str, Any]:
             schema = response_format["json_schema"].get("schema")
         value = placeholder(schema) if isinstance(schema, dict) else \
             {"proposal": answer, "score": 0.5}
-        content = json.dumps(value)
-    else:
+        answer = json.dumps(value)
+    if content is None:
         content = answer
     model = request.get("model")
     prompt_tokens = sum(len(_text(m.get("content")).split()) for m in messages)

@@ -19,7 +19,9 @@ answering), ``hold`` (every chat request waits until ``hold`` is set false again
 a concurrency limit exactly, whatever the machine's speed) and ``fail_count``: how many next
 chat requests get the fault (``status``, ``hang``, ``garbage`` or ``reset``); -1 means all of
 them. Once they are used up the faults are cleared and requests succeed again. Setting a fault
-without ``fail_count`` sets it to -1.
+without ``fail_count`` sets it to -1. ``content`` (a string) is the answer of every successful
+chat, e.g. a structured answer that does not fit its schema; ``GET /stats`` lists the
+``temperature`` and ``response_format`` asked for (``sampling``).
 
 Pure asyncio: one coroutine per connection and no thread per request, so thousands of slow
 requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` bodies only.
@@ -79,6 +81,8 @@ class StandinLLM:
         self.behaviour = dataclasses.replace(self._initial)
         self.counters = Stats()
         self.traceparents: Deque[str] = collections.deque(maxlen=_TRACEPARENTS_KEPT)
+        # temperature and response_format of the last chat requests: what a test asks for
+        self.sampling: Deque[Dict[str, Any]] = collections.deque(maxlen=_TRACEPARENTS_KEPT)
         self._server: Optional[asyncio.AbstractServer] = None
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -134,6 +138,7 @@ class StandinLLM:
         in_flight = self.counters.in_flight
         self.counters = Stats(in_flight=in_flight, peak_in_flight=in_flight)
         self.traceparents.clear()
+        self.sampling.clear()
 
     def stats(self) -> Dict[str, int]:
         return dataclasses.asdict(self.counters)
@@ -201,7 +206,8 @@ class StandinLLM:
             ("GET", "/v1/models"): lambda: {"object": "list", "data": [
                 {"id": self.model, "object": "model", "created": 0, "owned_by": "standin"}]},
             ("GET", "/stats"): lambda: {**self.stats(),
-                                        "traceparents": list(self.traceparents)},
+                                        "traceparents": list(self.traceparents),
+                                        "sampling": list(self.sampling)},
             ("GET", "/control"): lambda: dataclasses.asdict(self.behaviour),
             ("POST", "/control"): lambda: self._control_request(body),
             ("POST", "/control/reset"): self._reset_request,
@@ -279,7 +285,10 @@ class StandinLLM:
             else:
                 try:
                     request = json.loads(body)
-                    answer = completion(request, self.model)
+                    if isinstance(request, dict):
+                        self.sampling.append({key: request.get(key) for key in
+                                              ("temperature", "response_format")})
+                    answer = completion(request, self.model, self.behaviour.content)
                 except ValueError:
                     status, value, outcome = 400, error_body(400, "the body must be JSON"), \
                         "errors"
@@ -346,6 +355,10 @@ class StandinThread:
     def traceparents(self) -> List[str]:
         """``traceparent`` headers of the last chat requests, oldest first."""
         return self._call(lambda: list(self.server.traceparents))  # type: ignore[no-any-return]
+
+    def sampling(self) -> List[Dict[str, Any]]:
+        """``temperature`` and ``response_format`` of the last chat requests, oldest first."""
+        return self._call(lambda: list(self.server.sampling))  # type: ignore[no-any-return]
 
     def stop(self, timeout: float = 15.0) -> None:
         if not self._thread.is_alive():

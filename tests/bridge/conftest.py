@@ -95,18 +95,46 @@ class Channel:
         self.subjects = Subjects(Settings.from_env(self.env))
 
 
+def delete_streams(nats_url: str, *names: str) -> None:
+    """Delete a test's streams (those that exist)."""
+    async def delete() -> None:
+        nc = await nats.connect(nats_url)
+        for name in names:
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_stream(name)
+        await nc.close()
+
+    asyncio.run(delete())
+
+
 @pytest.fixture
 def channel(nats_url: str) -> Iterator[Channel]:
     chan = Channel()
     yield chan
+    delete_streams(nats_url, chan.stream)
 
-    async def delete() -> None:
-        nc = await nats.connect(nats_url)
-        with contextlib.suppress(Exception):
-            await nc.jetstream().delete_stream(chan.stream)
-        await nc.close()
 
-    asyncio.run(delete())
+class Responses:
+    """One test's responses and streaming streams and subject prefixes (as bridge
+    environment)."""
+
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:8]
+        self.stream = f"RESP_{tag}"
+        self.prefix = f"t{tag}.agent.response"
+        self.streaming_stream = f"STREAMING_{tag}"
+        self.streaming_prefix = f"t{tag}.vllm.streaming"
+        self.env = {"RAY_EXECUTOR_NATS_RESPONSES_STREAM": self.stream,
+                    "RAY_EXECUTOR_NATS_RESPONSES_PREFIX": self.prefix,
+                    "RAY_EXECUTOR_NATS_STREAMING_STREAM": self.streaming_stream,
+                    "RAY_EXECUTOR_NATS_STREAMING_PREFIX": self.streaming_prefix}
+
+
+@pytest.fixture
+def responses(nats_url: str) -> Iterator[Responses]:
+    made = Responses()
+    yield made
+    delete_streams(nats_url, made.stream, made.streaming_stream)
 
 
 @pytest.fixture

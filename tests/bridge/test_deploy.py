@@ -70,7 +70,8 @@ COMMANDS = {"bridge": "bridge", "worker": "worker", "dashboard": "dashboard"}
 SHARED = ("RAY_EXECUTOR_QUEUE", "RAY_EXECUTOR_KEY_PREFIX", "RAY_EXECUTOR_NATS_COMMANDS_STREAM",
           "RAY_EXECUTOR_NATS_RESPONSES_STREAM", "RAY_EXECUTOR_NATS_EVENTS_STREAM",
           "RAY_EXECUTOR_NATS_COMMANDS_PREFIX", "RAY_EXECUTOR_NATS_RESPONSES_PREFIX",
-          "RAY_EXECUTOR_NATS_EVENTS_PREFIX")
+          "RAY_EXECUTOR_NATS_EVENTS_PREFIX", "RAY_EXECUTOR_EVENT_FORMAT",
+          "RAY_EXECUTOR_NATS_STREAMING_STREAM", "RAY_EXECUTOR_NATS_STREAMING_PREFIX")
 
 Doc = Dict[str, Any]
 
@@ -378,8 +379,8 @@ def test_stream_init_command_creates_the_streams(compose: Doc, nats_url: str) ->
     for _ in range(2):  # idempotent: a rerun of the Job finds the streams and succeeds
         result = run([sys.executable, "-c", script], env=env, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert "streams ready: AGENT_COMMANDS, AGENT_RESPONSES, ORCHESTRATOR_EVENTS" in \
-            result.stdout
+        assert "streams ready: AGENT_COMMANDS, AGENT_RESPONSES, ORCHESTRATOR_EVENTS, " \
+            "VLLM_STREAMING" in result.stdout
 
     async def subjects() -> Dict[str, List[str]]:
         nc = NATS()
@@ -387,13 +388,15 @@ def test_stream_init_command_creates_the_streams(compose: Doc, nats_url: str) ->
         try:
             js = nc.jetstream()
             return {name: (await js.stream_info(name)).config.subjects for name in
-                    ("AGENT_COMMANDS", "AGENT_RESPONSES", "ORCHESTRATOR_EVENTS")}
+                    ("AGENT_COMMANDS", "AGENT_RESPONSES", "ORCHESTRATOR_EVENTS",
+                     "VLLM_STREAMING")}
         finally:
             await nc.close()
 
     assert asyncio.run(subjects()) == {"AGENT_COMMANDS": ["agent.cmd.>"],
                                        "AGENT_RESPONSES": ["agent.response.>"],
-                                       "ORCHESTRATOR_EVENTS": ["orchestration.>"]}
+                                       "ORCHESTRATOR_EVENTS": ["orchestration.>"],
+                                       "VLLM_STREAMING": ["vllm.streaming.>"]}
 
 
 

@@ -10,6 +10,7 @@ import asyncio
 import email.utils
 import json
 import pickle
+import re
 import time
 from typing import Any, Dict, Iterator
 
@@ -18,6 +19,7 @@ import pytest
 
 from cluster.prompts import DIVERSITY_INSTRUCTION, PERSONAS, build_messages, sampling
 from cluster.vllm import call_vllm, chat_url, extract_score, parse_retry_after, resolve_url
+from core import task_types
 from core.contract import AgentJob
 from core.errors import LLMError
 from harness.servers import free_port
@@ -94,6 +96,31 @@ def test_json_schema(llm: StandinThread) -> None:
     result = call(llm.url, job)
     assert json.loads(result["content"]) == {"proposal": "stand-in", "score": 0.5, "risks": []}
     assert result["score"] == 0.5
+
+
+def test_a_task_extraction_asks_for_its_own_schema_at_temperature_zero() -> None:
+    """Even a later agent (which explores at 0.9 and up) and a caller's own schema: the
+    consumer needs exactly this shape, the same each time."""
+    job = make_job(index=2, metadata={"task_type": " TASK_EXTRACTION ",
+                                      "response_format": '{"type": "object"}'})
+    params = sampling(job)
+    assert params["temperature"] == 0.0
+    assert params["response_format"] == task_types.response_format()
+    assert sampling(make_job(index=2))["temperature"] > 0.0
+
+
+@pytest.mark.parametrize(("answer", "field"), [
+    ("not json", "answer is not JSON"),
+    ('{"tasks": {}}', "tasks: expected a list"),
+    ('{"tasks": []}', "tasks: expected at least one task"),
+    ('{"tasks": [{"title": " "}]}', "tasks[0].title"),
+    ('{"tasks": [{"title": "a", "estimated_hours": -1}]}', "tasks[0].estimated_hours"),
+    ('{"tasks": [{"title": "a", "deliberation_indices": ["x"]}]}',
+     "tasks[0].deliberation_indices"),
+])
+def test_a_task_extraction_answer_out_of_schema_names_the_field(answer: str, field: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(field)):
+        task_types.tasks_of(answer)
 
 
 def test_invalid_response_format() -> None:

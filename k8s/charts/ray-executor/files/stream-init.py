@@ -38,6 +38,8 @@ def streams():
         env("RAY_EXECUTOR_NATS_RESPONSES_STREAM", "AGENT_RESPONSES"): [responses + ".>"],
         env("RAY_EXECUTOR_NATS_EVENTS_STREAM", "ORCHESTRATOR_EVENTS"):
             [events.split(".")[0] + ".>"],
+        env("RAY_EXECUTOR_NATS_STREAMING_STREAM", "VLLM_STREAMING"):
+            [env("RAY_EXECUTOR_NATS_STREAMING_PREFIX", "vllm.streaming") + ".>"],
     }
 
 
