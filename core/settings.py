@@ -271,6 +271,11 @@ class Settings:
     dashboard_token: str = _setting(
         PREFIX + "DASHBOARD_TOKEN", "", "Bearer token accepted by the dashboard."
     )
+    dashboard_bridge: str = _setting(
+        PREFIX + "DASHBOARD_BRIDGE", "127.0.0.1:50056",
+        "host:port of the bridge's gRPC, which the dashboard's deliberation browser calls "
+        "(with `RAY_EXECUTOR_GRPC_TOKEN`).",
+    )
     metrics_port: int = _setting(
         PREFIX + "METRICS_PORT",
         9464,
