@@ -113,7 +113,8 @@ def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
 
 
 def state_block(status: pb.GetDeliberationStatusResponse) -> str:
-    """The part of the deliberation page that live updates replace."""
+    """The part of the deliberation page that live updates replace: its status, the action
+    its status allows, its agents."""
     results = {r.agent_id: r for r in status.results}
     rows = []
     for agent in status.agents:
@@ -134,7 +135,13 @@ def state_block(status: pb.GetDeliberationStatusResponse) -> str:
                + (f" &middot; {status.duration_ms} ms" if status.duration_ms else "") + "</p>")
     if status.error_message:
         summary += f'<p class="error">{escape(status.error_message)}</p>'
-    return summary + _table(
+    path = f"/deliberations/{quote(status.deliberation_id)}"
+    actions = ""
+    if status.status in (contract.QUEUED, contract.RUNNING):
+        actions = _action(f"{path}/cancel", "Cancel", "why cancel (required)")
+    elif status.status in (contract.COMPLETED, contract.FAILED) and status.failed_agents:
+        actions = _action(f"{path}/retry", "Retry failed agents", "why retry (required)")
+    return summary + f'<div id="actions">{actions}</div>' + _table(
         ["agent", "role", "status", "attempts", "error class", "error", "started (UTC)",
          "ended (UTC)", "took", "proposal", "reasoning"], rows, "agents")
 
@@ -165,14 +172,8 @@ _LIVE = """<script>
 
 
 def deliberation(status: pb.GetDeliberationStatusResponse, notice: str = "") -> str:
-    path = f"/deliberations/{quote(status.deliberation_id)}"
-    actions = ""
-    if status.status in (contract.QUEUED, contract.RUNNING):
-        actions += _action(f"{path}/cancel", "Cancel", "why cancel (required)")
-    elif status.status in (contract.COMPLETED, contract.FAILED) and status.failed_agents:
-        actions += _action(f"{path}/retry", "Retry failed agents", "why retry (required)")
     live = status.status in (contract.QUEUED, contract.RUNNING)
-    body = (f'<div id="state">{state_block(status)}</div><div id="actions">{actions}</div>'
+    body = (f'<div id="state">{state_block(status)}</div>'
             '<h2>Events</h2><ol id="events"></ol>' + (_LIVE if live else ""))
     return page(f"Deliberation {status.deliberation_id}", body, notice)
 

@@ -185,7 +185,7 @@ def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
             "queued", "running")
         chromium.evaluate("window.stayed = true")  # gone if the page were loaded again
         chromium.wait_for("document.body.dataset.live == 'on'")
-        chromium.wait_for("document.querySelector('#agents .s-running')", timeout=120)
+        chromium.wait_for("!!document.querySelector('#agents .s-running')", timeout=120)
         chromium.screenshot(ARTIFACTS / "browser-running.png")
         chromium.wait_for("document.body.dataset.live == 'ended'", timeout=180)
         assert chromium.evaluate("window.stayed") is True
