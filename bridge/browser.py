@@ -34,6 +34,9 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bridge import browser_pages as pages
+from bridge import browser_plot
+from bridge.operations import MAX_PAGE
+from core import contract
 from core.settings import Settings
 from ray_executor.v1 import operations_pb2 as ops
 from ray_executor.v1 import operations_pb2_grpc as ops_rpc
@@ -46,6 +49,7 @@ PREFIXES = ("/deliberations", "/dead-letters")
 OPERATOR_KEY = "ray_executor.operator"  # set in the environ by AuthMiddleware
 CALL_TIMEOUT = 15.0  # seconds of one unary call to the bridge
 MAX_FORM = 16384  # bytes of a POSTed form
+PLOT_PAGES = 4  # pages of MAX_PAGE read for the last hour's plot
 
 StartResponse = Callable[..., Any]
 
@@ -132,8 +136,25 @@ class Browser:
         jobs = self._call(self._main.GetActiveJobs, pb.GetActiveJobsRequest()).jobs
         in_flight = sum(1 for job in jobs if job.status == "running")
         filters = {k: v for k, v in query.items() if k in (*pages.FILTERS, "size", "page")}
+        plot = "" if request.page_token else self._hour()
         return _html(start_response, pages.deliberations(found, filters, status.stats,
-                                                         in_flight, query.get("notice", "")))
+                                                         in_flight, plot,
+                                                         query.get("notice", "")))
+
+    def _hour(self) -> str:
+        """The last hour's plot (``browser_plot``), from at most ``PLOT_PAGES`` pages of the
+        deliberations created in it."""
+        now_ms = contract.now_ms()
+        request = ops.ListDeliberationsRequest(page_size=MAX_PAGE)
+        request.created_after.FromMilliseconds(now_ms - browser_plot.HOUR_MS)
+        found: List[ops.DeliberationSummary] = []
+        for _ in range(PLOT_PAGES):
+            page = self._call(self._ops.ListDeliberations, request)
+            found += page.deliberations
+            request.page_token = page.next_page_token
+            if not request.page_token:
+                break
+        return browser_plot.svg(found, now_ms, complete=not request.page_token)
 
     def _status(self, deliberation_id: str) -> pb.GetDeliberationStatusResponse:
         status = self._call(self._main.GetDeliberationStatus,

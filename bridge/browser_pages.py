@@ -77,7 +77,9 @@ def _action(path: str, label: str, hint: str) -> str:
 
 
 def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
-                  stats: pb.RayExecutorStats, in_flight: int, notice: str = "") -> str:
+                  stats: pb.RayExecutorStats, in_flight: int, plot: str = "",
+                  notice: str = "") -> str:
+    """The list page; ``plot`` (SVG, ``bridge.browser_plot``) goes above the filters."""
     options = "".join(f'<option{" selected" if s == filters.get("status") else ""}>'
                       f"{escape(s)}</option>" for s in STATUSES)
     hint = ' placeholder="YYYY-MM-DDTHH:MM (UTC)"'
@@ -106,7 +108,7 @@ def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
                            "page": found.next_page_token})
         more = f'<p><a id="next" href="/deliberations?{escape(query)}">Older &rarr;</a></p>'
     first = '<a href="/deliberations">newest</a>' if filters.get("page") else ""
-    return page("Deliberations", f"{queue}{form}{listing}{more}<p>{first}</p>", notice)
+    return page("Deliberations", f"{queue}{plot}{form}{listing}{more}<p>{first}</p>", notice)
 
 
 # --- one deliberation ---

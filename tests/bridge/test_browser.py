@@ -105,6 +105,10 @@ def test_the_list_filters_and_pages(dash: Dashboard, chromium: Chromium) -> None
     # Queue depth: every agent job (a cancelled one's too, skipped when a worker takes it),
     # four deliberations active, none running without a worker.
     assert rows(chromium, "queue") == [["10", "0", "0", "4", "0"]]
+    # The last hour's plot: one deliberation finished (the cancelled one), in the last bar.
+    assert chromium.evaluate("document.getElementById('hour').dataset.total") == "1"
+    assert chromium.evaluate("[...document.querySelectorAll('#hour rect')]"
+                             ".map(bar => +bar.dataset.count)") == [0] * 11 + [1]
     chromium.screenshot(ARTIFACTS / "browser-list.png")
 
     def filtered(**fields: str) -> List[str]:
