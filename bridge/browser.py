@@ -50,6 +50,10 @@ OPERATOR_KEY = "ray_executor.operator"  # set in the environ by AuthMiddleware
 CALL_TIMEOUT = 15.0  # seconds of one unary call to the bridge
 MAX_FORM = 16384  # bytes of a POSTed form
 PLOT_PAGES = 4  # pages of MAX_PAGE read for the last hour's plot
+# A stream of live updates ends after this long (the page reconnects): a browser gone away
+# is noticed only at the next write, so this bounds how long its thread and its watch on the
+# bridge outlive it when nothing happens.
+WATCH_SECONDS = 300.0
 
 StartResponse = Callable[..., Any]
 
@@ -175,7 +179,7 @@ class Browser:
         self._status(deliberation_id)  # a 404 page rather than an empty stream
         call = self._main.WatchDeliberation(
             pb.WatchDeliberationRequest(deliberation_id=deliberation_id),
-            metadata=self._metadata)
+            timeout=WATCH_SECONDS, metadata=self._metadata)
         start_response("200 OK", [("Content-Type", "text/event-stream; charset=utf-8"),
                                   ("X-Accel-Buffering", "no")])
         return _relay(call)
@@ -246,8 +250,10 @@ def same_origin(environ: dict) -> bool:
 
 def _relay(call: Any) -> Iterator[bytes]:
     """The watch's events as server-sent events, then ``end``; cancels the call when the
-    browser goes away (the server closes this generator)."""
+    browser goes away (the server closes this generator). Past ``WATCH_SECONDS`` the stream
+    just ends, without ``end``."""
     try:
+        yield b"retry: 1000\n\n"  # reconnect after a second (the browser's default is 3 s)
         for event in call:
             data = {"event": event.event, "agent_id": event.agent_id,
                     "status": event.status,
@@ -256,6 +262,8 @@ def _relay(call: Any) -> Iterator[bytes]:
             yield f"event: lifecycle\ndata: {json.dumps(data)}\n\n".encode()
         yield b"event: end\ndata: {}\n\n"
     except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return  # the browser reconnects (EventSource does) and is sent every event again
         details = json.dumps({"code": exc.code().name, "details": exc.details()})
         yield f"event: error\ndata: {details}\n\n".encode()
     finally:

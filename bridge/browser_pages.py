@@ -157,6 +157,11 @@ _LIVE = """<script>
       .then(function (r) { return r.text(); })
       .then(function (html) { document.getElementById("state").innerHTML = html; });
   }
+  // Each connection (a reconnect too) is sent every event from the first.
+  source.addEventListener("open", function () {
+    log.innerHTML = "";
+    document.body.dataset.connections = (+document.body.dataset.connections || 0) + 1;
+  });
   source.addEventListener("lifecycle", function (message) {
     var event = JSON.parse(message.data);
     var item = document.createElement("li");

@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
+from bridge import browser
 from harness.standin_llm import StandinThread
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.browsing import PASSWORD, USER, Chromium, Dashboard, basic, serving
@@ -175,7 +176,8 @@ def test_cancel_from_the_page(dash: Dashboard, chromium: Chromium) -> None:
 @pytest.mark.slow
 def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
         start_bridge: Callable[..., BridgeProcess], start_worker: Any,
-        standin: StandinThread, redis_url: str, chromium: Chromium) -> None:
+        standin: StandinThread, redis_url: str, chromium: Chromium,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     bridge = start_bridge()
     start_worker(bridge)
     standin.control(latency=3, status=400, fail_count=1)  # one agent fails, one completes
@@ -205,12 +207,19 @@ def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
             [f"agent_{agents[a][2]} {a}" for a in agents])
         chromium.screenshot(ARTIFACTS / "browser-completed.png")
 
-        # Retry the failed agent from the page: a new round, followed live to its end.
-        standin.control(latency=1)
+        # Retry the failed agent from the page: a new round, followed live to its end, over
+        # streams cut short every 2 s: each reconnect is sent every event again.
+        monkeypatch.setattr(browser, "WATCH_SECONDS", 2.0)
+        standin.control(latency=6)
         assert submit_reason(chromium, "stand-in fixed") == 200
         assert chromium.evaluate("document.getElementById('notice').innerText") == \
             f"round 2 queued: {failed}"
         chromium.wait_for("document.body.dataset.live == 'ended'", timeout=180)
+        assert int(chromium.evaluate("document.body.dataset.connections")) >= 2
+        events = chromium.evaluate("[...document.querySelectorAll('#events li')]"
+                                   ".map(item => item.innerText.split(' ')[1])")
+        assert events.count("submitted") == 1 and events.count("retried") == 1, events
+        assert events.count("completed") == 2 and events[-1] == "completed", events
         agents = {row[0]: row for row in rows(chromium, "agents")}
         assert [row[2] for row in agents.values()] == ["completed", "completed"]
         assert "stand-in" in agents[failed][9]  # its proposal
