@@ -38,6 +38,7 @@ from types import FrameType
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+import jinja2
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq_dashboard import DashboardApp
 from dramatiq_dashboard.interface import RedisInterface
@@ -260,9 +261,27 @@ def make_app(settings: Settings, broker: Optional[RedisBroker] = None) -> AuthMi
     (``bridge.browser``) at its paths, both behind ``AuthMiddleware``."""
     dashboard = DashboardApp(broker or make_broker(settings), prefix="")
     dashboard.iface = _Interface(dashboard.broker)
+    _link_browser(dashboard)
     return AuthMiddleware(_Routes(dashboard, browser.Browser(settings)),
                           user=settings.dashboard_user, password=settings.dashboard_password,
                           token=settings.dashboard_token)
+
+
+_NAV = '{{ nav_item("Dashboard", "") }}'
+_BROWSER_NAV = "".join(f'<li class="nav__items__item"><a href="{path}">{label}</a></li>'
+                       for label, path in (("Deliberations", "/deliberations"),
+                                           ("Dead letters", "/dead-letters")))
+
+
+def _link_browser(dashboard: DashboardApp) -> None:
+    """Add the browser's pages to the navigation bar of dramatiq-dashboard's pages: its base
+    template, with two more items, loaded ahead of the packaged one."""
+    templates = dashboard.templates
+    source = templates.loader.get_source(templates, "_base.html")[0]
+    if _NAV in source:  # else a dashboard version whose template we do not know: leave it
+        templates.loader = jinja2.ChoiceLoader([
+            jinja2.DictLoader({"_base.html": source.replace(_NAV, _NAV + _BROWSER_NAV)}),
+            templates.loader])
 
 
 class _Routes:

@@ -157,6 +157,9 @@ def test_browser_sees_our_queue_with_the_burst_counted(dash: Dashboard, chromium
     rows = {row[0]: row[1:] for row in chromium.evaluate(TABLE_ROWS)}
     assert rows == {dash.queue: ["15", "0", "0"]}  # queue: jobs, delayed, failed
     chromium.screenshot(ARTIFACTS / "dashboard.png")
+    links = chromium.evaluate("[...document.querySelectorAll('.nav a')]"
+                              ".map(a => a.getAttribute('href'))")
+    assert links == ["/", "/deliberations", "/dead-letters"]  # the deliberation browser's
 
     # Follow the queue's link, as a person would: the standard tab lists the 15 messages.
     chromium.evaluate(f"document.querySelector('a[href=\"/queues/{dash.queue}\"]').click()")
