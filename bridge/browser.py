@@ -141,9 +141,8 @@ class Browser:
         in_flight = sum(1 for job in jobs if job.status == "running")
         filters = {k: v for k, v in query.items() if k in (*pages.FILTERS, "size", "page")}
         plot = "" if request.page_token else self._hour()
-        return _html(start_response, pages.deliberations(found, filters, status.stats,
-                                                         in_flight, plot,
-                                                         query.get("notice", "")))
+        return _html(start_response, pages.deliberations(found, filters, status, in_flight,
+                                                         plot, query.get("notice", "")))
 
     def _hour(self) -> str:
         """The last hour's plot (``browser_plot``), from at most ``PLOT_PAGES`` pages of the

@@ -28,7 +28,7 @@ main{padding:1em}table{border-collapse:collapse;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f3f4f6}pre{white-space:pre-wrap;max-width:60em;margin:0}
 .s-completed{color:#047857}.s-failed{color:#b91c1c}.s-cancelled{color:#6b7280}
-.s-running{color:#1d4ed8}.s-queued{color:#92400e}.notice{background:#ecfdf5;padding:.5em}
+.s-running{color:#1d4ed8}.s-degraded{color:#b91c1c}.s-queued{color:#92400e}.notice{background:#ecfdf5;padding:.5em}
 .error{background:#fef2f2;padding:.5em}form.action{margin:.5em 0}
 """
 
@@ -77,9 +77,11 @@ def _action(path: str, label: str, hint: str) -> str:
 
 
 def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
-                  stats: pb.RayExecutorStats, in_flight: int, plot: str = "",
+                  service: pb.GetStatusResponse, in_flight: int, plot: str = "",
                   notice: str = "") -> str:
-    """The list page; ``plot`` (SVG, ``bridge.browser_plot``) goes above the filters."""
+    """The list page: the service's health and queue above; ``plot`` (SVG,
+    ``bridge.browser_plot``) above the filters."""
+    stats = service.stats
     options = "".join(f'<option{" selected" if s == filters.get("status") else ""}>'
                       f"{escape(s)}</option>" for s in STATUSES)
     hint = ' placeholder="YYYY-MM-DDTHH:MM (UTC)"'
@@ -108,7 +110,11 @@ def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
                            "page": found.next_page_token})
         more = f'<p><a id="next" href="/deliberations?{escape(query)}">Older &rarr;</a></p>'
     first = '<a href="/deliberations">newest</a>' if filters.get("page") else ""
-    return page("Deliberations", f"{queue}{plot}{form}{listing}{more}<p>{first}</p>", notice)
+    health = (f'<p id="health">service <span class="s-{escape(service.status)}">'
+              f"{escape(service.status)}</span>"
+              + (f": {escape(service.message)}" if service.message else "") + "</p>")
+    return page("Deliberations", f"{health}{queue}{plot}{form}{listing}{more}<p>{first}</p>",
+                notice)
 
 
 # --- one deliberation ---

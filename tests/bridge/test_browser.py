@@ -106,6 +106,8 @@ def test_the_list_filters_and_pages(dash: Dashboard, chromium: Chromium) -> None
     # Queue depth: every agent job (a cancelled one's too, skipped when a worker takes it),
     # four deliberations active, none running without a worker.
     assert rows(chromium, "queue") == [["10", "0", "0", "4", "0"]]
+    health = chromium.evaluate("document.getElementById('health').innerText")
+    assert health.startswith("service degraded: ") and "worker" in health, health
     # The last hour's plot: one deliberation finished (the cancelled one), in the last bar.
     assert chromium.evaluate("document.getElementById('hour').dataset.total") == "1"
     assert chromium.evaluate("[...document.querySelectorAll('#hour rect')]"
@@ -227,6 +229,9 @@ def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
         final = final_status(bridge, did)
         assert (final.status, final.completed_agents, final.failed_agents) == (
             "completed", 2, 0)
+        assert chromium.navigate(f"{dash.url}deliberations") == 200  # a live worker now
+        assert chromium.evaluate("document.getElementById('health').innerText") == \
+            "service healthy"
 
 
 @pytest.mark.slow
