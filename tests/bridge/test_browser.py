@@ -170,9 +170,18 @@ def test_cancel_from_the_page(dash: Dashboard, chromium: Chromium) -> None:
     final = stub.GetDeliberationStatus(status_of)
     assert final.status == "cancelled" and f"{USER}: wrong story" in final.error_message
 
-    # Again (a reload, a second operator): nothing changes, and the page says so.
-    status, headers, _ = posted(dash, path, {"reason": "twice"})
-    assert status == 303 and "already+cancelled" in headers["location"]
+    # Again (a reload, a second operator, here a script with the token and a Referer):
+    # nothing changes, and the page says so.
+    status, headers, _ = dash.http("POST", path, auth="bearer", form={"reason": "twice"},
+                                   headers={"Referer": f"{ORIGIN}:{dash.port}/x"})
+    assert (status, headers["location"]) == (
+        303, f"/deliberations/{did}?notice=already+cancelled+%28by+token%29")
+
+    # What the bridge refuses is an error page saying why: nothing to retry, no such id.
+    status, _, body = posted(dash, f"/deliberations/{did}/retry", {"reason": "again"})
+    assert status == 409 and "FAILED_PRECONDITION" in body and "cancelled" in body
+    status, _, body = dash.http("GET", "/deliberations/delib-nope")
+    assert status == 404 and "no deliberation delib-nope" in body
 
 
 @pytest.mark.slow
