@@ -31,6 +31,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
 import grpc
+import jinja2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from bridge import browser_pages as pages
@@ -234,6 +235,23 @@ class Browser:
 
 
 # --- helpers ---
+
+_NAV = '{{ nav_item("Dashboard", "") }}'
+_BROWSER_NAV = "".join(f'<li class="nav__items__item"><a href="{path}">{label}</a></li>'
+                       for label, path in (("Deliberations", "/deliberations"),
+                                           ("Dead letters", "/dead-letters")))
+
+
+def link_from(dashboard: Any) -> None:
+    """Add the browser's pages to the navigation bar of dramatiq-dashboard's pages (of its
+    ``DashboardApp``): its base template, with two more items, loaded ahead of the packaged
+    one."""
+    templates = dashboard.templates
+    source = templates.loader.get_source(templates, "_base.html")[0]
+    if _NAV in source:  # else a dashboard version whose template we do not know: leave it
+        templates.loader = jinja2.ChoiceLoader([
+            jinja2.DictLoader({"_base.html": source.replace(_NAV, _NAV + _BROWSER_NAV)}),
+            templates.loader])
 
 
 def same_origin(environ: dict) -> bool:

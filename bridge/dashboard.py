@@ -18,6 +18,9 @@ operator requeues or deletes a message. It is configured like the workers' broke
 ``dramatiq``, heartbeat timeout) so Dramatiq's maintenance pass, which any broker call may run,
 behaves the same whoever runs it.
 
+The deliberation browser (``bridge.browser``) is served beside it, behind the same
+middleware, and linked from its navigation bar.
+
 Served by the standard library's ``wsgiref`` server with one thread per connection: the
 dashboard is an operator tool with a handful of users, and this adds no dependency.
 """
@@ -38,7 +41,6 @@ from types import FrameType
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-import jinja2
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq_dashboard import DashboardApp
 from dramatiq_dashboard.interface import RedisInterface
@@ -261,27 +263,10 @@ def make_app(settings: Settings, broker: Optional[RedisBroker] = None) -> AuthMi
     (``bridge.browser``) at its paths, both behind ``AuthMiddleware``."""
     dashboard = DashboardApp(broker or make_broker(settings), prefix="")
     dashboard.iface = _Interface(dashboard.broker)
-    _link_browser(dashboard)
+    browser.link_from(dashboard)
     return AuthMiddleware(_Routes(dashboard, browser.Browser(settings)),
                           user=settings.dashboard_user, password=settings.dashboard_password,
                           token=settings.dashboard_token)
-
-
-_NAV = '{{ nav_item("Dashboard", "") }}'
-_BROWSER_NAV = "".join(f'<li class="nav__items__item"><a href="{path}">{label}</a></li>'
-                       for label, path in (("Deliberations", "/deliberations"),
-                                           ("Dead letters", "/dead-letters")))
-
-
-def _link_browser(dashboard: DashboardApp) -> None:
-    """Add the browser's pages to the navigation bar of dramatiq-dashboard's pages: its base
-    template, with two more items, loaded ahead of the packaged one."""
-    templates = dashboard.templates
-    source = templates.loader.get_source(templates, "_base.html")[0]
-    if _NAV in source:  # else a dashboard version whose template we do not know: leave it
-        templates.loader = jinja2.ChoiceLoader([
-            jinja2.DictLoader({"_base.html": source.replace(_NAV, _NAV + _BROWSER_NAV)}),
-            templates.loader])
 
 
 class _Routes:
