@@ -2,11 +2,12 @@
 served by ``ray-executor dashboard`` behind its ``AuthMiddleware``.
 
 It reads and acts through the bridge's gRPC API (``RAY_EXECUTOR_DASHBOARD_BRIDGE``, with
-``RAY_EXECUTOR_GRPC_TOKEN``), with the sync gRPC client from the WSGI threads: listing,
-status, cancel, retry, dead letters and replays are the bridge's code, checked and recorded
-there exactly as for the CLI. The dashboard needs no NATS connection (replays publish from
-the bridge) and no event loop of its own, and live updates are ``WatchDeliberation``, the
-stream Watch's clients read, relayed as server-sent events.
+``RAY_EXECUTOR_GRPC_TOKEN``, over TLS with ``RAY_EXECUTOR_DASHBOARD_BRIDGE_CA``), with the
+sync gRPC client from the WSGI threads: listing, status, cancel, retry, dead letters and
+replays are the bridge's code, checked and recorded there exactly as for the CLI. The
+dashboard needs no NATS connection (replays publish from the bridge) and no event loop of its
+own, and live updates are ``WatchDeliberation``, the stream Watch's clients read, relayed as
+server-sent events.
 
 Routes (``GET`` unless noted):
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
@@ -38,7 +40,7 @@ from bridge import browser_pages as pages
 from bridge import browser_plot
 from bridge.operations import MAX_PAGE
 from core import contract
-from core.settings import Settings
+from core.settings import PREFIX, Settings, SettingsError
 from ray_executor.v1 import operations_pb2 as ops
 from ray_executor.v1 import operations_pb2_grpc as ops_rpc
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -83,7 +85,17 @@ class Browser:
     """The WSGI app of the browser's routes (see the module docstring)."""
 
     def __init__(self, settings: Settings) -> None:
-        self._channel = grpc.insecure_channel(settings.dashboard_bridge)
+        """Raises ``SettingsError`` when ``RAY_EXECUTOR_DASHBOARD_BRIDGE_CA`` cannot be read."""
+        target, ca = settings.dashboard_bridge, settings.dashboard_bridge_ca
+        if ca:
+            try:
+                credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes())
+            except OSError as exc:
+                raise SettingsError(f"{PREFIX}DASHBOARD_BRIDGE_CA={ca}: {exc.strerror}"
+                                    ) from None
+            self._channel = grpc.secure_channel(target, credentials)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._main = rpc.RayExecutorServiceStub(self._channel)
         self._ops = ops_rpc.OperationsServiceStub(self._channel)
         token = settings.grpc_token

@@ -367,7 +367,7 @@ def main(settings: Settings) -> int:
         if not settings.redis_url:
             raise DashboardConfigError("REDIS_URL must be set (the Redis of the Dramatiq broker)")
         server = make_server(settings)
-    except DashboardConfigError as exc:
+    except SettingsError as exc:  # DashboardConfigError, or the browser's
         print(f"ray-executor dashboard: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -89,14 +89,14 @@ def basic(user: str, password: str) -> str:
 
 
 @contextlib.contextmanager
-def serving(bridge: BridgeProcess, redis_url: str) -> Iterator[Dashboard]:
+def serving(bridge: BridgeProcess, redis_url: str, **settings: Any) -> Iterator[Dashboard]:
     """The dashboard of ``bridge``'s queue, in this process on a free port, with Basic and
-    Bearer credentials; stopped on exit."""
+    Bearer credentials (and ``settings``); stopped on exit."""
     port = servers.free_port()
     settings = Settings(redis_url=redis_url, queue=bridge.queue, dashboard_host="127.0.0.1",
                         dashboard_bridge=bridge.address, dashboard_port=port,
                         dashboard_user=USER, dashboard_password=PASSWORD,
-                        dashboard_token=f"tok-{uuid.uuid4().hex}")
+                        dashboard_token=f"tok-{uuid.uuid4().hex}", **settings)
     stop = threading.Event()
     thread = threading.Thread(target=dashboard.serve, args=(settings, stop), daemon=True)
     thread.start()

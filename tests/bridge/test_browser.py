@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
@@ -14,10 +15,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from bridge import browser
+from bridge.browser import Browser
+from core.settings import Settings, SettingsError
 from harness.standin_llm import StandinThread
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.browsing import PASSWORD, USER, Chromium, Dashboard, basic, serving
-from tests.bridge.conftest import BridgeProcess, Channel, request
+from tests.bridge.conftest import BridgeProcess, Channel, make_pki, request
 from tests.bridge.test_nats_ingress import as_json, consumer_ready, settled, with_nats
 from tests.bridge.test_operations_e2e import agents_request, final_status
 from tests.conftest import ARTIFACTS
@@ -82,6 +85,23 @@ def test_wrong_or_missing_credentials_get_nothing(dash: Dashboard, chromium: Chr
     for auth in ("basic", "bearer"):
         status, _, body = dash.http("GET", "/deliberations", auth=auth)
         assert status == 200 and did in body, auth
+
+
+def test_the_browser_reaches_a_bridge_with_tls_and_a_token(
+        start_bridge: Callable[..., BridgeProcess], redis_url: str, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    bridge = start_bridge(RAY_EXECUTOR_GRPC_TLS_CERT=pki["server.pem"],
+                          RAY_EXECUTOR_GRPC_TLS_KEY=pki["server.key"],
+                          RAY_EXECUTOR_GRPC_TOKEN="s3cret-token")
+    with serving(bridge, redis_url, dashboard_bridge_ca=pki["ca.pem"],
+                 grpc_token="s3cret-token") as dash:
+        status, _, body = dash.http("GET", "/deliberations")
+        assert status == 200 and '<span class="s-degraded">degraded</span>' in body
+    with serving(bridge, redis_url, dashboard_bridge_ca=pki["ca.pem"]) as dash:
+        status, _, body = dash.http("GET", "/deliberations")
+        assert status == 502 and "UNAUTHENTICATED" in body and "s3cret" not in body
+    with pytest.raises(SettingsError, match="RAY_EXECUTOR_DASHBOARD_BRIDGE_CA=/nowhere"):
+        Browser(Settings(dashboard_bridge_ca="/nowhere"))
 
 
 def test_the_list_filters_and_pages(dash: Dashboard, chromium: Chromium) -> None:
