@@ -211,7 +211,7 @@ def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
         monkeypatch: pytest.MonkeyPatch) -> None:
     bridge = start_bridge()
     start_worker(bridge)
-    standin.control(latency=3, status=400, fail_count=1)  # one agent fails, one completes
+    standin.control(latency=5, status=400, fail_count=1)  # one agent fails, one completes
     did = bridge.stub().ExecuteDeliberation(agents_request(standin, 2)).deliberation_id
     with serving(bridge, redis_url) as dash:
         chromium.credentials = (USER, PASSWORD)
