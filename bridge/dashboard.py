@@ -18,6 +18,9 @@ operator requeues or deletes a message. It is configured like the workers' broke
 ``dramatiq``, heartbeat timeout) so Dramatiq's maintenance pass, which any broker call may run,
 behaves the same whoever runs it.
 
+The deliberation browser (``bridge.browser``) is served beside it, behind the same
+middleware, and linked from its navigation bar.
+
 Served by the standard library's ``wsgiref`` server with one thread per connection: the
 dashboard is an operator tool with a handful of users, and this adds no dependency.
 """
@@ -44,6 +47,7 @@ from dramatiq_dashboard.interface import RedisInterface
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from bridge import browser
 from core.dramatiq_internals import NAMESPACE as DRAMATIQ_NAMESPACE
 from core.settings import PREFIX, Settings, SettingsError
 
@@ -150,17 +154,26 @@ class AuthMiddleware:
             return bool(sep) and user_ok and password_ok
         return False
 
+    def operator(self, header: str) -> str:
+        """Who an authorized request comes from, as actions record it: the Basic user, or
+        ``token``; ``anonymous`` when no credentials are configured."""
+        if self.open:
+            return "anonymous"
+        return self.user if header.strip().lower().startswith("basic") else "token"
+
     def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
         def respond(status: str, headers: List[Tuple[str, str]], *args: Any) -> Any:
             return start_response(status, [*headers, *_SECURITY_HEADERS], *args)
 
         if environ.get("PATH_INFO") == HEALTH_PATH:
             return _plain(respond, "200 OK", "ok\n")
-        if not self.open and not self.authorized(environ.get("HTTP_AUTHORIZATION", "")):
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if not self.open and not self.authorized(header):
             logger.debug("unauthorized %s %s from %s", environ.get("REQUEST_METHOD"),
                          environ.get("PATH_INFO"), environ.get("REMOTE_ADDR"))
             return _plain(respond, "401 Unauthorized", "401 Unauthorized\n",
                           [("WWW-Authenticate", f'Basic realm="{REALM}"')])
+        environ[browser.OPERATOR_KEY] = self.operator(header)
         return _guarded(self.app, environ, respond)
 
 
@@ -246,11 +259,31 @@ def make_broker(settings: Settings) -> RedisBroker:
 
 
 def make_app(settings: Settings, broker: Optional[RedisBroker] = None) -> AuthMiddleware:
-    """The dashboard WSGI app for our broker, behind ``AuthMiddleware``, served at ``/``."""
+    """The dashboard WSGI app for our broker at ``/`` and the deliberation browser
+    (``bridge.browser``) at its paths, both behind ``AuthMiddleware``."""
     dashboard = DashboardApp(broker or make_broker(settings), prefix="")
     dashboard.iface = _Interface(dashboard.broker)
-    return AuthMiddleware(dashboard, user=settings.dashboard_user,
-                          password=settings.dashboard_password, token=settings.dashboard_token)
+    browser.link_from(dashboard)
+    return AuthMiddleware(_Routes(dashboard, browser.Browser(settings)),
+                          user=settings.dashboard_user, password=settings.dashboard_password,
+                          token=settings.dashboard_token)
+
+
+class _Routes:
+    """The browser's paths to the browser, the rest to dramatiq-dashboard."""
+
+    def __init__(self, dashboard: WSGIApp, pages: browser.Browser) -> None:
+        self.dashboard = dashboard
+        self.pages = pages
+
+    def __call__(self, environ: dict, start_response: StartResponse) -> Iterable[bytes]:
+        app = self.pages if browser.handles(environ.get("PATH_INFO", "")) else self.dashboard
+        return app(environ, start_response)
+
+    def close(self) -> None:
+        """Close the browser's channel: its open event streams end (the bridge is not left
+        waiting on watches nobody reads)."""
+        self.pages.close()
 
 
 # --- the server ---
@@ -310,6 +343,9 @@ def run(server: DashboardServer, stop: Optional[threading.Event] = None) -> None
         server.serve_forever(poll_interval=0.5)
     finally:
         server.server_close()
+        app = server.get_app()
+        if isinstance(app, AuthMiddleware) and isinstance(app.app, _Routes):
+            app.app.close()
         logger.info("dashboard stopped")
 
 
@@ -331,7 +367,7 @@ def main(settings: Settings) -> int:
         if not settings.redis_url:
             raise DashboardConfigError("REDIS_URL must be set (the Redis of the Dramatiq broker)")
         server = make_server(settings)
-    except DashboardConfigError as exc:
+    except SettingsError as exc:  # DashboardConfigError, or the browser's
         print(f"ray-executor dashboard: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

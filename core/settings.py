@@ -314,6 +314,17 @@ class Settings:
     dashboard_token: str = _setting(
         PREFIX + "DASHBOARD_TOKEN", "", "Bearer token accepted by the dashboard."
     )
+    dashboard_bridge: str = _setting(
+        PREFIX + "DASHBOARD_BRIDGE", "127.0.0.1:50056",
+        "host:port of the bridge's gRPC, which the dashboard's deliberation browser calls "
+        "(with `RAY_EXECUTOR_GRPC_TOKEN`).",
+    )
+    dashboard_bridge_ca: str = _setting(
+        PREFIX + "DASHBOARD_BRIDGE_CA", "",
+        "Path of the CA (PEM) that signed the bridge's gRPC certificate, when the bridge "
+        "serves TLS; empty: plaintext. (A bridge requiring client certificates is not "
+        "reachable from the dashboard.)",
+    )
     metrics_port: int = _setting(
         PREFIX + "METRICS_PORT",
         9464,

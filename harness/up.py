@@ -84,6 +84,8 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         children.append(Child("bridge", [cli, "bridge"], env))
         servers.wait_for_port(settings.grpc_port, 30, children[-1].process)
         children.append(Child("worker", [worker_python, "-m", "actors"], env))
+        # The deliberation browser calls this bridge, wherever its port was set.
+        env.setdefault("RAY_EXECUTOR_DASHBOARD_BRIDGE", f"127.0.0.1:{settings.grpc_port}")
         children.append(Child("dashboard", [cli, "dashboard"], env))
         _announce(settings, env, standin is not None)
         while not stop.wait(0.5):
@@ -107,6 +109,8 @@ def _announce(settings: Settings, env: Dict[str, str], standin: bool) -> None:
     rows = [
         ("gRPC (RayExecutorService)", f"{env['RAY_EXECUTOR_GRPC_HOST']}:{settings.grpc_port}"),
         ("dashboard", f"http://{settings.dashboard_host}:{settings.dashboard_port}/"),
+        ("deliberations",
+         f"http://{settings.dashboard_host}:{settings.dashboard_port}/deliberations"),
         ("bridge metrics", f"http://127.0.0.1:{settings.metrics_port}/metrics"),
         ("worker metrics", f"http://127.0.0.1:{settings.worker_metrics_port}/metrics"),
         ("Redis", env["REDIS_URL"]),

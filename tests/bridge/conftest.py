@@ -25,6 +25,7 @@ from harness import servers
 from harness.standin_llm import StandinThread, run_in_thread
 from ray_executor.v1 import ray_executor_pb2 as pb
 from ray_executor.v1 import ray_executor_pb2_grpc as rpc
+from tests.bridge.browsing import Chromium, Dashboard, serving
 from tests.workers import WorkerGroup
 
 CLI = str(Path(sys.executable).parent / "ray-executor")
@@ -243,3 +244,17 @@ def make_pki(folder: Path) -> Dict[str, str]:
             "-CAcreateserial", "-days", "1", "-extfile", f"{name}.ext", "-out", f"{name}.pem")
     return {name: str(folder / name) for name in
             ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.fixture
+def dash(start_bridge: Callable[..., BridgeProcess], redis_url: str) -> Iterator[Dashboard]:
+    """A bridge, and its dashboard (``tests.bridge.browsing.serving``)."""
+    with serving(start_bridge(), redis_url) as served:
+        yield served
+
+
+@pytest.fixture
+def chromium(tmp_path: Path) -> Iterator[Chromium]:
+    browser = Chromium(tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    yield browser
+    browser.close()

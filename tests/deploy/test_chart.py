@@ -52,7 +52,8 @@ ROUTE_SETTINGS = {"RAY_EXECUTOR_ROUTES_FILE", "RAY_EXECUTOR_ROUTE"}
 # Settings the chart derives per route or from the default route (never in values' config).
 # Settings each worker pod takes from the downward API (its own name), never from the ConfigMap.
 PER_POD = {"RAY_EXECUTOR_WORKER_ID"}
-DERIVED = {"RAY_ADDRESS", "RAY_EXECUTOR_QUEUE", "VLLM_URL"} | ROUTE_SETTINGS | PER_POD
+DERIVED = {"RAY_ADDRESS", "RAY_EXECUTOR_QUEUE", "VLLM_URL", "RAY_EXECUTOR_DASHBOARD_BRIDGE"} \
+    | ROUTE_SETTINGS | PER_POD
 REQUIRED = {
     "bridge": {"REDIS_URL", "NATS_URL"},
     "worker": {"REDIS_URL", "NATS_URL", "RAY_ADDRESS", "RAY_EXECUTOR_ROUTE",
