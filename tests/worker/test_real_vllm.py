@@ -29,6 +29,7 @@ from core.contract import VLLM_AGENT, AgentJob
 from core.errors import JobTimeout, LLMError
 from harness.servers import Server
 from tests.tiny_model import SERVED_NAME
+from tests.vllm_metrics import counted, metrics
 from tests.waiting import until
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.worker_env]
@@ -57,35 +58,6 @@ def call(job: AgentJob) -> Dict[str, Any]:
             return await call_vllm(session, job, base_url=job.vllm_url, timeout=120)
 
     return asyncio.run(run())
-
-
-def metrics(server: Server) -> Dict[str, float]:
-    """vLLM's own Prometheus samples, by name and labels (``name{a="b",…}``)."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as answer:
-        text = answer.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        match = re.match(r"^(vllm:[a-z_]+)(\{[^}]*\})? ([-0-9.e+]+)$", line)
-        if match:
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            name = match.group(1) + ("{" + labels["finished_reason"] + "}"
-                                     if "finished_reason" in labels else "")
-            samples[name] = float(match.group(3))
-    return samples
-
-
-def counted(server: Server, before: Dict[str, float], reason: str, count: int
-            ) -> Dict[str, float]:
-    """vLLM's metrics once ``count`` more requests finished for ``reason`` than in ``before``:
-    vLLM records a finished request in its metrics a moment after answering it."""
-    name = "vllm:request_success_total{" + reason + "}"
-
-    def check() -> Dict[str, float]:
-        now = metrics(server)
-        return now if now[name] - before[name] >= count else {}
-
-    return until(check, f"vLLM counting {count} more requests finished by {reason}",
-                 interval=0.2)
 
 
 def test_chat_request_and_usage(vllm_server: Server) -> None:
@@ -176,8 +148,8 @@ def test_time_limit_aborts_the_request_inside_vllm(vllm_server: Server,
 
     after = until(settled, "vLLM running no request", timeout=60, interval=0.5)
     finished = [name for name in after if name.startswith("vllm:request_success_total")]
-    assert [after[name] - before[name] for name in finished] == [0] * len(finished), (
-        before, after)
+    changes = {name: after[name] - before[name] for name in finished}
+    assert set(changes.values()) == {0}, changes
     generated = after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
     assert 0 < generated < CONTEXT - 300, generated
     log = vllm_server.log_path.read_text(errors="replace") if vllm_server.log_path else ""
