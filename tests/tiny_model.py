@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Iterator
 
 SERVED_NAME = "tiny-llama"  # the name vLLM serves it under
+# Its context (vLLM's --max-model-len): long enough that an answer running to the end takes
+# seconds, which the time-limit tests need.
+CONTEXT = 16384
 VOCAB_SIZE = 2048
 SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Each message as <|role|>, its text, then </s>; the prompt ends ready for the answer.
@@ -58,7 +61,7 @@ def build(out: Path) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
-        max_position_embeddings=4096, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
+        max_position_embeddings=CONTEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
         tie_word_embeddings=False, torch_dtype="float32")
     model = LlamaForCausalLM(config)
     # Random weights would end an answer at </s> about once in VOCAB_SIZE tokens, so a long
