@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
-from typing import Any
+from typing import Any, List
 
 import pytest
 
@@ -61,3 +62,38 @@ def test_deliberations_on_real_vllm(start_bridge: Any, start_worker: Any, vllm_s
     assert [(e["error_type"], e["retryable"], e["attempts"]) for e in failures] == [
         ("bad_request", False, 1)]
     assert "does not exist" in failures[0]["error"]
+
+
+def test_concurrency_limit_holds_at_vllm(start_bridge: Any, start_worker: Any,
+                                         vllm_server: Server) -> None:
+    """RAY_EXECUTOR_VLLM_CONCURRENCY=2 as vLLM itself sees it: its own count of running
+    requests, sampled while six agents' answers of 600 tokens each run."""
+    bridge = start_bridge(VLLM_URL=vllm_server.url, VLLM_MODEL=SERVED_NAME,
+                          RAY_EXECUTOR_VLLM_CONCURRENCY="2")
+    start_worker(bridge)
+    running: List[float] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            running.append(metrics(vllm_server)["vllm:num_requests_running"])
+            time.sleep(0.05)
+
+    async def scenario() -> Any:
+        async with RayExecutorClient(bridge.address) as client:
+            answered = await client.execute_deliberation(
+                task_id=f"real-limit-{time.time_ns()}", task_description="Plan the migration",
+                role="DEV", agents=[(f"a{i}", "DEV") for i in range(6)],
+                constraints={"timeout_seconds": 300, "max_retries": 0,
+                             "metadata": {"max_tokens": "600"}})
+            return await client.wait(answered.deliberation_id, timeout=300)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        final = asyncio.run(scenario())
+    finally:
+        done.set()
+        sampler.join(30)
+    assert final.status == "completed" and final.completed_agents == 6
+    assert max(running) == 2, sorted(set(running))
