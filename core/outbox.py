@@ -39,7 +39,7 @@ from core.store import OUTBOX_LEASE_MS, DeliberationStore, Finished
 logger = logging.getLogger("ray_executor.outbox")
 
 DUPLICATE_WINDOW_SECONDS = 600.0  # longer than any outage an entry may wait out in a lease
-STREAM_START = "vllm_stream_start"
+STREAM_START = "vllm_stream_start"  # its outbox entry is written by core/lua/submit.lua
 ACK_TIMEOUT_SECONDS = 5.0  # past this an unacked publish counts as failed; its entry stays
 
 _CLAIM = """
@@ -218,17 +218,19 @@ class Outbox:
         agent_id = entry["agent_id"] if entry["kind"] == "agent" else ""
         if agent_id and not any(a["agent_id"] == agent_id for a in agents):
             return None
-        if entry["event"] == "submitted" and not agent_id:  # its companion, not kept apart
-            self.send_stream_start(record)
+        if entry["event"] == STREAM_START:
+            return self._stream_start(record)
         return self._rendered(entry["event"], record, agents, agent_id)
 
     def send_stream_start(self, record: Mapping[str, Any]) -> asyncio.Future:
-        """Publish ``vllm.streaming.<deliberation_id>`` for an accepted deliberation, with its
-        ``submitted`` event (whose outbox entry, while it waits, stands for both: JetStream
-        drops a second copy by its ``Nats-Msg-Id``)."""
+        """Publish ``vllm.streaming.<deliberation_id>`` for an accepted deliberation; its own
+        outbox entry, written with the ``submitted`` one, stays the recovery path."""
+        return self.send(contract.event_id(record["id"], STREAM_START),
+                         *self._stream_start(record))
+
+    def _stream_start(self, record: Mapping[str, Any]) -> tuple:
         event_id = contract.event_id(record["id"], STREAM_START)
-        subject = self.subjects.stream_start(record["id"])
-        return self.send(event_id, subject, self.body(
+        return (self.subjects.stream_start(record["id"]), self.body(
             f"{self.subjects.streaming}.{STREAM_START}", contract.stream_start(record),
             event_id, record), _headers(record))
 

@@ -29,9 +29,12 @@ local function submit(k, i)
   redis.call('ZADD', KEYS[1], now, id)
   redis.call('ZADD', KEYS[7], now, id)
   redis.call('HINCRBY', KEYS[2], 'total', 1)
-  redis.call('HSET', KEYS[5], id .. ':submitted',
-             '{"kind": "deliberation", "event": "submitted", "deliberation_id": "' .. id .. '"}')
-  redis.call('ZADD', KEYS[6], due, id .. ':submitted')
+  -- The submitted event and the vllm.streaming start event, each kept until published.
+  for _, name in ipairs({'submitted', 'vllm_stream_start'}) do
+    redis.call('HSET', KEYS[5], id .. ':' .. name, '{"kind": "deliberation", "event": "' ..
+               name .. '", "deliberation_id": "' .. id .. '"}')
+    redis.call('ZADD', KEYS[6], due, id .. ':' .. name)
+  end
   return {1, id}
 end
 

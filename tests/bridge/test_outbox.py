@@ -12,7 +12,7 @@ import nats
 from core import contract
 from core.connections import connect
 from core.contract import Subjects
-from core.outbox import Outbox, ensure_streams
+from core.outbox import STREAM_START, Outbox, ensure_streams
 from core.settings import Settings
 from core.store import DeliberationStore
 from tests.bridge.test_state import submit
@@ -26,7 +26,9 @@ def run(redis_url: str, nats_url: str,
                         nats_events_stream=f"EV{tag}",
                         nats_responses_prefix=f"re{tag}.response",
                         nats_responses_stream=f"RE{tag}",
-                        nats_commands_prefix=f"co{tag}.cmd", nats_commands_stream=f"CO{tag}")
+                        nats_commands_prefix=f"co{tag}.cmd", nats_commands_stream=f"CO{tag}",
+                        nats_streaming_prefix=f"st{tag}.vllm.streaming",
+                        nats_streaming_stream=f"ST{tag}")
 
     async def main() -> Any:
         client = connect(redis_url)
@@ -92,3 +94,31 @@ def test_an_event_jetstream_refuses_keeps_its_entry(redis_url: str, nats_url: st
     assert (refused, accepted) == (False, True)
     assert kept, "the refused event waits in the outbox for a later try"
     assert gone
+
+
+def test_the_streaming_start_event_keeps_its_own_entry(redis_url: str, nats_url: str) -> None:
+    """``vllm.streaming.<id>`` refused while ``submitted`` is acked: its entry stays, and a
+    later flush publishes it (no longer lost with its companion's entry)."""
+    async def scenario(outbox: Outbox, js: Any) -> Any:
+        streaming = outbox.store.settings.nats_streaming_stream
+        await js.delete_stream(streaming)  # publishes to vllm.streaming.> now find no stream
+        did, _, record = await submit(outbox.store)
+        submitted, started = contract.event_id(did, "submitted"), \
+            contract.event_id(did, STREAM_START)
+        accepted, refused = await asyncio.gather(
+            outbox.send(submitted, outbox.subjects.deliberation("submitted"),
+                        contract.deliberation_submitted(record, []), {}),
+            outbox.send_stream_start(record))
+        keys = outbox.store.keys
+        kept = await outbox.store.redis.hexists(keys.outbox, started)
+        gone = not await outbox.store.redis.hexists(keys.outbox, submitted)
+        await ensure_streams(js, outbox.subjects)  # the stream is back
+        sent = await outbox.publish([started])
+        published = await js.get_last_msg(streaming, outbox.subjects.stream_start(did))
+        left = await outbox.store.redis.hexists(keys.outbox, started)
+        return accepted, refused, kept, gone, sent, published.headers["Nats-Msg-Id"], left
+
+    accepted, refused, kept, gone, sent, msg_id, left = run(redis_url, nats_url, scenario)
+    assert (accepted, refused) == (True, False)
+    assert kept and gone, "the start event waits in its own entry, submitted's is cleared"
+    assert sent == 1 and not left and msg_id.endswith(":vllm_stream_start")
