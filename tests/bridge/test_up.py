@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from harness import servers
-from tests.conftest import worker_python
+from tests.conftest import environment_python, worker_python
 
 CLI = str(Path(sys.executable).parent / "ray-executor")
 # 127.0.0.1 as /proc/net/tcp writes it, and as tcp6 writes ::ffff:127.0.0.1 and ::1.
@@ -32,11 +32,9 @@ def listening(port: int) -> set:
     return found
 
 
-@pytest.mark.slow
-# Past its own deadlines (up 180 + ports 30 + submit 240 + stop 120): a hang fails on one of
-# them, naming what was missing, not in pytest-timeout's dump.
-@pytest.mark.timeout(600)
-def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
+def run_up(tmp_path: Path, *extra: str) -> str:
+    """``ray-executor up`` (with ``extra`` arguments), then ``submit --watch`` of a two-agent
+    deliberation, then Ctrl-C; checks each step and returns the submit's output and up's log."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "NATS_URL", "RAY_ADDRESS", "VLLM_URL")}
     grpc_port, dashboard_port = servers.free_port(), servers.free_port()
@@ -47,11 +45,11 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
                RAY_EXECUTOR_WORKER_PROCESSES="1", RAY_EXECUTOR_WORKER_THREADS="16")
     log = tmp_path / "up.log"
     up = subprocess.Popen([CLI, "up", "--worker-python", worker_python(),
-                           "--data-dir", str(tmp_path / "run")], env=env,
+                           "--data-dir", str(tmp_path / "run"), *extra], env=env,
                           stdout=log.open("wb"), stderr=subprocess.STDOUT,
                           start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 420  # a real vLLM takes a minute or more to start
         while "ray-executor is up" not in log.read_text():
             assert up.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
@@ -66,7 +64,6 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
         out = submit.stdout
         assert out.startswith("submitted: delib-")
         assert "agent_completed" in out and "completed: 2/2 agents completed" in out
-        assert "stand-in" in out  # the best proposal, from the stand-in LLM
         worker_metrics = env["RAY_EXECUTOR_WORKER_METRICS_PORT"]
         assert re.search(rf"worker metrics +http://127\.0\.0\.1:{worker_metrics}/",
                          log.read_text())
@@ -85,3 +82,27 @@ def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> 
     for port in (grpc_port, dashboard_port):
         with pytest.raises(servers.ServerError):
             servers.wait_for_port(port, 1)
+    return out + log.read_text()
+
+
+@pytest.mark.slow
+# Past its own deadlines (up 420 + ports 30 + submit 240 + stop 120): a hang fails on one of
+# them, naming what was missing, not in pytest-timeout's dump.
+@pytest.mark.timeout(900)
+def test_up_runs_a_deliberation_end_to_end_and_stops_cleanly(tmp_path: Path) -> None:
+    seen = run_up(tmp_path)
+    assert re.search(r"LLM \(stand-in: --vllm-model for a real vLLM", seen), seen[-3000:]
+    assert "stand-in" in seen.split("best (agent-")[1][:600]  # the best proposal's source
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(900)
+def test_up_runs_a_real_vllm_when_given_a_model(tmp_path: Path, tiny_model: Path) -> None:
+    """``up --vllm-model``: the agents' answers come from vLLM, and up says which it runs."""
+    seen = run_up(tmp_path, "--vllm-python", environment_python("vllm"),
+                  "--vllm-model", str(tiny_model))
+    assert re.search(r"LLM \(vLLM \d+\.\d+\S*, model tiny-model\) +http://127\.0\.0\.1:",
+                     seen), seen[-3000:]
+    best = seen.split("best (agent-")[1][:600]
+    assert "stand-in" not in best, best
