@@ -102,9 +102,18 @@ class Server:
             wait_for_port(self.port, timeout, self.process)
         except ServerError as exc:
             self.stop()
-            raise ServerError(f"{self.name}: {exc} (log: {self.log_path})") from None
+            raise ServerError(
+                f"{self.name}: {exc} (log: {self.log_path}){self._log_tail()}") from None
         logger.info("%s listening at %s", self.name, self.url)
         return self
+
+    def _log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log, for an error that would otherwise only name the file
+        (which a CI machine's temporary folder does not keep)."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "".join(f"\n  | {line}" for line in tail)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:
@@ -198,7 +207,7 @@ class HTTPServer(Server):
             if exited or time.monotonic() > deadline:
                 self.stop()
                 raise ServerError(f"{self.name}: {self.url}{self.ready_path} not ready within "
-                                  f"{timeout:.0f}s (log: {self.log_path})")
+                                  f"{timeout:.0f}s (log: {self.log_path}){self._log_tail()}")
             time.sleep(0.5)
 
 
