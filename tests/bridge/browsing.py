@@ -24,6 +24,7 @@ import redis
 from bridge import dashboard
 from core.settings import Settings
 from harness import servers
+from tests.waiting import until
 
 if TYPE_CHECKING:
     from tests.bridge.conftest import BridgeProcess
@@ -239,13 +240,8 @@ class Chromium:
 
     def wait_for(self, expression: str, timeout: float = 30) -> Any:
         """Poll ``expression`` in the page until it is truthy; its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expression)
-            if value:
-                return value
-            assert time.monotonic() < deadline, f"Chromium: {expression} still false"
-            time.sleep(0.1)
+        return until(lambda: self.evaluate(expression), f"Chromium: {expression}", timeout,
+                     interval=0.1)
 
     def evaluate(self, expression: str) -> Any:
         reply = self.call("Runtime.evaluate", session=self.session, expression=expression,
