@@ -6,7 +6,8 @@ already finished), submits the job to this process's runner for the kind — one
 async Ray actor per kind and worker process, declared with the kind's Ray resources, so no
 Ray actor is created per job and HTTP connections are reused — waits for it within the job's
 time limit (cancelling the Ray task when it passes or when the deliberation is cancelled),
-records the outcome and publishes it to NATS through the outbox.
+records the outcome and publishes it to NATS through the outbox. A streamed answer's partial
+output is published on the way (``actors.progress``).
 
 Tracing (``core.tracing``): the W3C trace context (``traceparent``, ``tracestate``) the
 ingress put in the message options is the parent of a span ``ray_executor.agent_job`` around
@@ -30,6 +31,7 @@ from opentelemetry import trace
 from actors import backoff, metrics
 from actors.backoff import PermanentJobError, RetryJob
 from actors.limits import ConcurrencyLimiter
+from actors.progress import ProgressPublisher
 from actors.runtime import WorkerRuntime
 from cluster.kinds import KINDS, JobKind
 from core import contract, tracing
@@ -141,13 +143,19 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
         if verdict == "done":  # a redelivery: make sure its events went out
             await _publish(runtime, job)
         return
+    assert runtime.outbox is not None
+    progress = ProgressPublisher(store, runtime.outbox, job, attempt) \
+        if runtime.settings.progress_interval_ms > 0 else None
     started = time.monotonic()
     try:
         try:
             result = await runtime.runners.run(
-                kind, traced, is_cancelled=lambda: store.is_cancelled(job.deliberation_id))
+                kind, traced, is_cancelled=lambda: store.is_cancelled(job.deliberation_id),
+                on_progress=progress)
         finally:
             release_slot()  # the vLLM call is over: the next job may start while this records
+            if progress is not None:  # partial output goes out before the outcome
+                await progress.close()
     except Exception as exc:
         await _failed(runtime, job, exc, attempt, retry, started, log)
         return

@@ -11,6 +11,8 @@ reach a runner in batches and their outcomes come back in batches:
   fetch per job, since each Ray client call is a round trip through the client server.
 - Cancelling a job (its time limit passed, or its deliberation was cancelled) cancels its
   asyncio task on the cluster through ``Runner.cancel``, which closes its HTTP request.
+- A job's partial output (streamed pieces, batched on the cluster) comes back with the
+  outcomes and goes to the job's ``on_progress`` callback, in order, before its outcome.
 """
 
 from __future__ import annotations
@@ -51,17 +53,22 @@ class RunnerCalls:
         self.handle = handle
         self.lost = lost
         self.waiting: Dict[str, asyncio.Future] = {}
+        self.listeners: Dict[str, Callable[[str], None]] = {}  # on_progress of waiting jobs
         self.batch: List[Tuple[str, AgentJob]] = []
         self.collector: Optional[asyncio.Future] = None
         self.unassigned: Set[Any] = set()  # start calls the client server has not numbered
         self.broken = False
 
-    def submit(self, job: AgentJob) -> Tuple[str, asyncio.Future]:
-        """Queue ``job`` for this loop turn's call to the runner: ``(key, future outcome)``."""
+    def submit(self, job: AgentJob, on_progress: Optional[Callable[[str], None]] = None
+               ) -> Tuple[str, asyncio.Future]:
+        """Queue ``job`` for this loop turn's call to the runner: ``(key, future outcome)``;
+        ``on_progress`` gets the job's partial output as it comes."""
         loop = asyncio.get_running_loop()
         key = f"{id(self):x}-{next(self._keys)}"
         outcome = loop.create_future()
         self.waiting[key] = outcome
+        if on_progress is not None:
+            self.listeners[key] = on_progress
         if not self.batch:
             loop.call_soon(self._start)
         self.batch.append((key, job))
@@ -69,6 +76,7 @@ class RunnerCalls:
 
     def cancel(self, key: str) -> None:
         """Stop waiting for ``key`` and cancel its job on the cluster (not waited for)."""
+        self.listeners.pop(key, None)
         if self.waiting.pop(key, None) is None:  # settled already, or cancelled before
             return
         if any(queued == key for queued, _ in self.batch):
@@ -113,17 +121,30 @@ class RunnerCalls:
         try:
             while self.waiting and not self.broken:
                 try:
-                    outcomes = await _outcome(self.handle.collect.remote(jobs, COLLECT_POLL))
+                    outcomes, partial = await _outcome(
+                        self.handle.collect.remote(jobs, COLLECT_POLL))
                 except Exception as exc:
                     self._break(exc)
                     return
                 jobs = []
+                for key, text in partial.items():
+                    self._progress(key, text)
                 for key, (ok, value) in outcomes.items():
                     self._settle(key, value, ok)
         finally:
             self.collector = None
 
+    def _progress(self, key: str, text: str) -> None:
+        listener = self.listeners.get(key)
+        if listener is None:
+            return
+        try:
+            listener(text)
+        except Exception:  # one listener's failure must not lose the batch's outcomes
+            logger.exception("progress listener of %s failed", key)
+
     def _settle(self, key: str, value: Any, ok: bool = False) -> None:
+        self.listeners.pop(key, None)
         outcome = self.waiting.pop(key, None)
         if outcome is None or outcome.done():
             return
@@ -181,24 +202,30 @@ class RayRunners:
 
     Parameters:
       ray: the process's Ray client connection.
+      progress_interval, progress_pieces: how the runners batch partial output
+        (``cluster.runner.Runner``).
     """
 
-    def __init__(self, ray: RayConnection) -> None:
+    def __init__(self, ray: RayConnection, progress_interval: float = 0.25,
+                 progress_pieces: int = 64) -> None:
         self.ray = ray
+        self.progress = (progress_interval, progress_pieces)
         self.handles: Dict[str, Any] = {}
         self.lock = threading.Lock()
         self.calls: Dict[str, RunnerCalls] = {}  # by kind; used on the loop only
 
     async def run(self, kind: JobKind, job: AgentJob,
-                  is_cancelled: Callable[[], Awaitable[bool]]) -> Dict:
-        """Run ``job`` on the cluster, awaiting its outcome on the process's event loop.
+                  is_cancelled: Callable[[], Awaitable[bool]],
+                  on_progress: Optional[Callable[[str], None]] = None) -> Dict:
+        """Run ``job`` on the cluster, awaiting its outcome on the process's event loop;
+        ``on_progress`` gets its partial output (text since the last call), in order.
 
         Raises the job's own error, ``JobTimeout``, ``JobCancelled`` or ``RayLost``.
         """
         loop = asyncio.get_running_loop()
         try:
             calls = await self._calls(kind)
-            key, outcome = calls.submit(job)
+            key, outcome = calls.submit(job, on_progress)
         except Exception as exc:  # any failure to hand the job over means the client is gone
             self._reset()
             raise RayLost(f"cannot submit to Ray: {type(exc).__name__}: {exc}") from exc
@@ -252,7 +279,7 @@ class RayRunners:
             self.ray.ensure()
             started = time.monotonic()
             remote = ray.remote(Runner).options(**kind.ray_options)
-            handle = remote.remote(kind.function)
+            handle = remote.remote(kind.function, *self.progress)
             ray.get(handle.ready.remote(), timeout=120)
             logger.info("runner for %s ready in %.2fs (%s)", kind.name,
                         time.monotonic() - started, kind.ray_options)

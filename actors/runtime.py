@@ -51,7 +51,8 @@ class WorkerRuntime(dramatiq.Middleware):
         self.store: Optional[DeliberationStore] = None
         self.outbox: Optional[Outbox] = None
         self.ray = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
-        self.runners = RayRunners(self.ray)
+        self.runners = RayRunners(self.ray, settings.progress_interval_ms / 1000,
+                                  settings.progress_tokens)
         self.keys = Keys(settings.key_prefix)
         self._stop = threading.Event()
         self._async_stop: Optional[asyncio.Event] = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -93,7 +94,10 @@ def _submit_command(args: argparse.Namespace, settings: Settings) -> int:
 async def _watch(client: RayExecutorClient, deliberation_id: str) -> int:
     async for event in client.watch(deliberation_id):
         who = f" {event.agent_id}" if event.agent_id else ""
-        print(f"{event.time.ToDatetime():%H:%M:%S} {event.event}{who}", flush=True)
+        said = ""
+        if event.event == "agent_progress":  # a streamed answer, as it is written
+            said = ": " + json.loads(event.data_json).get("text", "").replace("\n", " ")
+        print(f"{event.time.ToDatetime():%H:%M:%S} {event.event}{who}{said}", flush=True)
     final = await client.status(deliberation_id)
     print(f"{final.status}: {final.completed_agents}/{final.total_agents} agents completed")
     if final.result.agent_id:

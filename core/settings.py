@@ -128,6 +128,21 @@ class Settings:
         "Default retries of one agent job (constraints.max_retries overrides).",
         minimum=0,
     )
+    progress_interval_ms: int = _setting(
+        PREFIX + "PROGRESS_INTERVAL_MS",
+        250,
+        "Longest a streamed answer's partial output waits before it is published as "
+        "`agent.response.progress` (and a Watch event `agent_progress`), with what follows "
+        "it; 0: no partial output is published.",
+        minimum=0,
+    )
+    progress_tokens: int = _setting(
+        PREFIX + "PROGRESS_TOKENS",
+        32,
+        "Pieces of one streamed answer (a token each, as vLLM streams) published at once "
+        "without waiting for the interval.",
+        minimum=1,
+    )
 
     # --- protecting vLLM (worker middleware) ---
     vllm_concurrency: int = _setting(

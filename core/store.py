@@ -294,6 +294,12 @@ class DeliberationStore:
             self.redis.hget(self.keys.deliberation(deliberation_id), "status"))
         return status == contract.CANCELLED
 
+    async def progress(self, deliberation_id: str, event: str) -> None:
+        """Add a running agent's partial output (``lifecycle_event``) to the deliberation's
+        event stream; not to a stream that is gone (an expired deliberation's)."""
+        await self.batcher.guard(self.redis.xadd(self.keys.events(deliberation_id),
+                                                 {"event": event}, nomkstream=True))
+
 def _refused(error: Any) -> StateUnavailable:
     """A submission Redis did not record (its error as Redis or redis-py gave it)."""
     if isinstance(error, StateUnavailable):

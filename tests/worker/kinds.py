@@ -8,6 +8,7 @@ import threading
 from typing import Any, Dict
 
 from cluster.kinds import job_kind
+from cluster.runner import progress_sink
 from core.contract import AgentJob
 
 
@@ -17,8 +18,18 @@ class Unpicklable(Exception):
 
 @job_kind("echo_test", num_cpus=0)
 async def echo_test(job: AgentJob) -> Dict[str, Any]:
-    """Echo the task back after ``metadata['sleep']`` seconds, from the Ray node."""
+    """Echo the task back after ``metadata['sleep']`` seconds, from the Ray node; with
+    ``metadata['pieces']`` (n), the answer is n pieces given to the runner's progress sink
+    ``metadata['piece_delay']`` seconds apart."""
     await asyncio.sleep(float(job.metadata.get("sleep", "0")))
+    if job.metadata.get("pieces"):
+        sink = progress_sink()
+        pieces = [f"p{i} " for i in range(int(job.metadata["pieces"]))]
+        for piece in pieces:
+            if sink is not None:
+                sink(piece)
+            await asyncio.sleep(float(job.metadata.get("piece_delay", "0")))
+        return {"content": "".join(pieces), "model": "echo", "streamed": sink is not None}
     if job.metadata.get("fail") == "permanent":
         raise ValueError("asked to fail")
     if job.metadata.get("fail") == "unpicklable":  # an error that cannot travel back as is

@@ -111,3 +111,54 @@ def test_a_runner_that_dies_fails_its_jobs_as_ray_lost_and_is_replaced(
     *lost, again = asyncio.run(main())
     assert all(isinstance(outcome, RayLost) for outcome in lost), lost
     assert again["content"] == "echo: job 9"
+
+
+def run_streamed(runners: RayRunners, jobs: List[AgentJob]) -> List[List[str]]:
+    """Run ``jobs``; for each, what its ``on_progress`` got, in order, then ``"=" + content``
+    (its outcome) once ``run`` returned."""
+    async def main() -> List[List[str]]:
+        kind = KINDS["echo_test"]
+        seen: List[List[str]] = [[] for _ in jobs]
+
+        async def one(index: int, streamed: AgentJob) -> None:
+            result = await runners.run(kind, streamed, never_cancelled, seen[index].append)
+            seen[index].append("=" + result["content"])
+
+        await asyncio.gather(*(one(i, j) for i, j in enumerate(jobs)))
+        return seen
+    return asyncio.run(main())
+
+
+def test_partial_output_reaches_its_own_job_in_order_and_before_its_outcome(
+        runners: RayRunners) -> None:
+    # 40 pieces 10 ms apart take 0.4 s or more: past one 250 ms interval, so at least one
+    # batch comes before the outcome's; batching keeps the calls well under one per piece.
+    seen = run_streamed(runners, [job(i, pieces="40", piece_delay="0.01") for i in range(3)])
+    for texts in seen:
+        *partial, outcome = texts
+        assert outcome == "=" + "".join(f"p{i} " for i in range(40))
+        assert "".join(partial) == outcome[1:], texts  # every piece, in order, none twice
+        assert 2 <= len(partial) < 40, texts
+
+
+def test_partial_output_is_sent_once_a_job_holds_enough_pieces(ray_address: str) -> None:
+    connection = RayConnection(ray_address, namespace=f"runner-{uuid.uuid4().hex[:8]}")
+    try:
+        # An interval of a minute: only the count of pieces sends any before the outcome.
+        (texts,) = run_streamed(RayRunners(connection, progress_interval=60, progress_pieces=5),
+                                [job(0, pieces="30", piece_delay="0.02")])
+    finally:
+        connection.disconnect()
+    *partial, outcome = texts
+    assert "".join(partial) == outcome[1:]
+    assert len(partial) >= 2 and all(len(text.split()) >= 5 for text in partial[:-1]), texts
+
+
+def test_no_partial_output_with_an_interval_of_zero(ray_address: str) -> None:
+    connection = RayConnection(ray_address, namespace=f"runner-{uuid.uuid4().hex[:8]}")
+    try:
+        (texts,) = run_streamed(RayRunners(connection, progress_interval=0),
+                                [job(0, pieces="5", piece_delay="0.01")])
+    finally:
+        connection.disconnect()
+    assert texts == ["=" + "".join(f"p{i} " for i in range(5))]
