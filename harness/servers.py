@@ -13,6 +13,7 @@ import http.client
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -31,7 +32,26 @@ class ServerError(RuntimeError):
     """A local server could not be found or did not come up."""
 
 
+# Ports are picked below the kernel's ephemeral range (outgoing connections take their local
+# ports there, and one may take a port picked free before its server binds it) and above Ray's
+# worker ports (10002-19999).
+PICKED_PORTS_FROM = 20000
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, below the ephemeral range when there is room."""
+    try:
+        first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    for _ in range(100 if first_ephemeral > PICKED_PORTS_FROM + 1000 else 0):
+        port = random.randint(PICKED_PORTS_FROM, first_ephemeral - 1)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -163,27 +183,52 @@ def nats(workdir: Path, port: Optional[int] = None, *, extra_args: Iterable[str]
 
 def ray_head(workdir: Path, ray_binary: str, *, client_port: Optional[int] = None,
              num_cpus: int = 2, object_store_mb: int = 256) -> Server:
-    """A Ray head with its client server, run by ``ray start --block`` from ``ray_binary``.
+    """A Ray head with its client server, run by ``ray start --block`` from ``ray_binary``."""
+    return RayHead(workdir, ray_binary, client_port or free_port(), num_cpus, object_store_mb)
 
-    The client port and GCS port are picked outside Ray's default worker-port range
-    (10002-19999), which would otherwise collide with them.
-    """
-    client_port = client_port or free_port()
-    # Unix socket paths under the temp dir must stay short (107 bytes).
-    temp_dir = tempfile.mkdtemp(prefix="rx-ray-", dir="/tmp")
-    args = [
-        ray_binary, "start", "--head", "--block", "--disable-usage-stats",
-        f"--port={free_port()}", f"--ray-client-server-port={client_port}",
-        "--include-dashboard=false", f"--num-cpus={num_cpus}",
-        f"--object-store-memory={object_store_mb * 1024 * 1024}", f"--temp-dir={temp_dir}",
-    ]
-    # Without gRPC's fork handlers: with them, the client server's proxier (a gRPC server
-    # that forks each client's specific server) sometimes kills the child in gRPC's poller
-    # ("Check failed: next_worker->state == KICKED"), and that client waits 30 s to fail
-    # (ray-project/ray#63202). The forked child only execs, so it needs no handlers.
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", GRPC_ENABLE_FORK_SUPPORT="0")
-    return Server("ray", f"ray://127.0.0.1:{client_port}", client_port, args, env=env,
-                  log_path=workdir / "ray.log")
+
+class RayHead(Server):
+    """A Ray head. Its GCS port and its dashboard agent's port are picked by us, outside Ray's
+    default worker-port range (10002-19999) and apart from every other head's (the agent's
+    default, 52365, is the same for all). A head that exits before its client port opens (a
+    port picked free was taken by then) is started again with new ports, twice at most."""
+
+    ATTEMPTS = 3
+
+    def __init__(self, workdir: Path, ray_binary: str, client_port: int, num_cpus: int,
+                 object_store_mb: int) -> None:
+        # Without gRPC's fork handlers: with them, the client server's proxier (a gRPC server
+        # that forks each client's specific server) sometimes kills the child in gRPC's poller
+        # ("Check failed: next_worker->state == KICKED"), and that client waits 30 s to fail
+        # (ray-project/ray#63202). The forked child only execs, so it needs no handlers.
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", GRPC_ENABLE_FORK_SUPPORT="0")
+        super().__init__("ray", f"ray://127.0.0.1:{client_port}", client_port, [], env=env,
+                         log_path=workdir / "ray.log")
+        self.ray_binary = ray_binary
+        self.resources = [f"--num-cpus={num_cpus}",
+                          f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+
+    def start(self, timeout: float = 30.0) -> Server:
+        for attempt in range(1, self.ATTEMPTS):
+            try:
+                return self._start_with_new_ports(timeout)
+            except ServerError as exc:
+                if "exited" not in str(exc):
+                    raise
+                logger.warning("Ray head failed to start (attempt %d of %d), again with new "
+                               "ports: %s", attempt, self.ATTEMPTS, exc)
+        return self._start_with_new_ports(timeout)
+
+    def _start_with_new_ports(self, timeout: float) -> Server:
+        # Unix socket paths under the temp dir must stay short (107 bytes).
+        temp_dir = tempfile.mkdtemp(prefix="rx-ray-", dir="/tmp")
+        self.args = [
+            self.ray_binary, "start", "--head", "--block", "--disable-usage-stats",
+            f"--port={free_port()}", f"--ray-client-server-port={self.port}",
+            f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=false",
+            *self.resources, f"--temp-dir={temp_dir}",
+        ]
+        return super().start(timeout)
 
 
 class HTTPServer(Server):

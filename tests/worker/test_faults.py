@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 import pytest
 from redis.asyncio import Redis
 
+from actors.connection import RayConnection
 from core.settings import Settings
 from core.store import DeliberationStore
 from harness import servers
@@ -322,3 +323,29 @@ def test_readiness_follows_the_broker_not_ray(nats_url: str, tmp_path: Path) -> 
     finally:
         workers.stop()
         valkey.stop()
+
+
+@pytest.mark.timeout(300)
+def test_a_ray_head_that_exits_at_start_is_started_again(tmp_path: Path) -> None:
+    """``servers.ray_head``: a head whose ``ray start`` exits before its client port opens
+    (CI saw one exit 1 once) is started again with new ports, and then serves clients."""
+    real = Path(worker_python()).parent / "ray"
+    starts = tmp_path / "starts"
+    flaky = tmp_path / "ray"  # exits 1 the first time, then is the real `ray`
+    flaky.write_text(f'#!/bin/sh\necho "$@" >> {starts}\n'
+                     f'[ "$(wc -l < {starts})" -ge 2 ] || {{ echo "no luck"; exit 1; }}\n'
+                     f'exec {real} "$@"\n')
+    flaky.chmod(0o755)
+    head = servers.ray_head(tmp_path, str(flaky)).start(120)
+    try:
+        first, second = starts.read_text().splitlines()
+        gcs_port = [arg for arg in first.split() if arg.startswith("--port=")]
+        assert gcs_port and gcs_port[0] not in second.split()  # picked again
+        connection = RayConnection(head.url, namespace="flaky-head")
+        connection.ensure()  # raises when no client can connect
+        try:
+            assert connection.connected
+        finally:
+            connection.disconnect()
+    finally:
+        head.stop()
