@@ -8,8 +8,9 @@ or its deliberation was cancelled) cancels its asyncio task, which closes its HT
 
 A job may report partial output (a streamed answer's pieces) to ``progress_sink()``; it goes
 back with the outcomes, batched: ``collect`` returns for it once ``progress_interval`` seconds
-passed since the first piece waiting, or once a job has ``progress_pieces`` pieces waiting,
-and pieces always go with (before) their job's outcome.
+passed since the first piece waiting, or once a job has ``progress_pieces`` pieces waiting.
+The pieces left when a job ends go with (before) its outcome, unless none went before: an
+answer that came whole within one batch has no partial output to show.
 
 Runs on the Ray cluster: imports nothing of this project but ``core.contract`` and
 ``core.errors`` (docs/architecture.md).
@@ -21,7 +22,7 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Set, Tuple
 
 from core import tracing
 from core.contract import AgentJob
@@ -62,6 +63,7 @@ class Runner:
         self.pieces: Dict[str, List[str]] = {}  # partial output not collected yet, by job
         self.pieces_due = False
         self.pieces_timer: Optional[asyncio.TimerHandle] = None
+        self.streaming: Set[str] = set()  # jobs some partial output of which was collected
         self.ended: Optional[asyncio.Event] = None  # created on the actor's loop
 
     def ready(self) -> bool:
@@ -93,7 +95,11 @@ class Runner:
         outcomes, self.outcomes = self.outcomes, {}
         partial: Dict[str, str] = {}
         if outcomes or self.pieces_due:  # with outcomes, every piece goes along for free
-            partial = {key: "".join(pieces) for key, pieces in self.pieces.items()}
+            for key, pieces in self.pieces.items():
+                if key not in outcomes or key in self.streaming:
+                    partial[key] = "".join(pieces)
+            self.streaming.update(key for key in partial if key not in outcomes)
+            self.streaming.difference_update(outcomes)
             self.pieces = {}
             self.pieces_due = False
             if self.pieces_timer is not None:
@@ -104,6 +110,7 @@ class Runner:
     async def cancel(self, keys: List[str]) -> None:
         for key in keys:
             self.pieces.pop(key, None)
+            self.streaming.discard(key)
             task = self.tasks.pop(key, None)
             if task is not None:
                 task.cancel()

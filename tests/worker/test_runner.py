@@ -154,6 +154,11 @@ def test_partial_output_is_sent_once_a_job_holds_enough_pieces(ray_address: str)
     assert len(partial) >= 2 and all(len(text.split()) >= 5 for text in partial[:-1]), texts
 
 
+def test_an_answer_that_comes_whole_has_no_partial_output(runners: RayRunners) -> None:
+    # Five pieces at once, well within one interval: they come with the outcome, and only it.
+    assert run_streamed(runners, [job(0, pieces="5")]) == [["=p0 p1 p2 p3 p4 "]]
+
+
 def test_no_partial_output_with_an_interval_of_zero(ray_address: str) -> None:
     connection = RayConnection(ray_address, namespace=f"runner-{uuid.uuid4().hex[:8]}")
     try:
