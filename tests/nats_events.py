@@ -50,11 +50,13 @@ class Recorder:
         await nc.flush()  # the subscriptions are on the server before any publish we await
         return nc
 
-    def of(self, deliberation_id: str) -> List[Any]:
-        """The messages of one deliberation so far, in arrival order."""
+    def of(self, deliberation_id: str, progress: bool = False) -> List[Any]:
+        """The messages of one deliberation so far, in arrival order. Partial output
+        (``agent.response.progress``: how many depends on timing) only when ``progress``."""
         with self._lock:
             return [m for m in self._messages
-                    if deliberation_id in (m.headers or {}).get("Nats-Msg-Id", "")]
+                    if deliberation_id in (m.headers or {}).get("Nats-Msg-Id", "")
+                    and (progress or not is_progress(m))]
 
     def wait(self, deliberation_id: str, count: int, timeout: float = 60) -> List[Any]:
         """The deliberation's messages once there are at least ``count``."""
@@ -81,8 +83,13 @@ class Recorder:
         self._thread.join(10)
 
 
+def is_progress(msg: Any) -> bool:
+    return bool(msg.subject.endswith(".progress"))
+
+
 async def stored(nats_url: str, deliberation_id: str) -> List[Any]:
-    """One deliberation's messages stored in the result streams (``SUBJECTS``), each subject
+    """One deliberation's messages stored in the result streams (``SUBJECTS``) but partial
+    output (see ``Recorder.of``), each subject
     read from the first message to the last one stored when the read began: every message
     says how many are left after it, so the read ends on that state, not after a quiet gap.
     The streams hold other events too, so neither is ever empty here."""
@@ -93,7 +100,8 @@ async def stored(nats_url: str, deliberation_id: str) -> List[Any]:
             sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
             while True:
                 msg = await sub.next_msg(timeout=30)
-                if deliberation_id in (msg.headers or {}).get("Nats-Msg-Id", ""):
+                if deliberation_id in (msg.headers or {}).get("Nats-Msg-Id", "") \
+                        and not is_progress(msg):
                     found.append(msg)
                 if msg.metadata.num_pending == 0:
                     break

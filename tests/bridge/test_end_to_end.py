@@ -45,7 +45,8 @@ def test_three_agents_across_python_versions(start_bridge: Any, start_worker: An
                 submitted.deliberation_id)]  # the whole story, from the first event
         assert watched[0] == ("submitted", "") and watched[-1] == ("completed", "")
         for agent_id in ("dev-1", "qa-1", "arch-1"):
-            mine = [event for event, who in watched if who == agent_id]
+            mine = [event for event, who in watched  # partial output aside (timing)
+                    if who == agent_id and event != "agent_progress"]
             assert mine == ["agent_started", "agent_completed"], (agent_id, watched)
         # Counted where they are published: a second publish of any event would show here.
         events = recorder.final(submitted.deliberation_id, 5, Settings.from_env(bridge.env))
