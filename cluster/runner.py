@@ -7,8 +7,9 @@ worker's side of that exchange is ``actors.runners``. Cancelling a job (its time
 or its deliberation was cancelled) cancels its asyncio task, which closes its HTTP request.
 
 A job may report partial output (a streamed answer's pieces) to ``progress_sink()``; it goes
-back with the outcomes, batched: ``collect`` returns for it once ``progress_interval`` seconds
-passed since the first piece waiting, or once a job has ``progress_pieces`` pieces waiting.
+back with the outcomes, batched: ``collect`` returns for it at once for a job's first piece
+(the time to the first token is what a reader waits for), then once ``progress_interval``
+seconds passed since the first piece waiting, or once a job has ``progress_pieces`` waiting.
 The pieces left when a job ends go with (before) its outcome, unless none went before: an
 answer that came whole within one batch has no partial output to show.
 
@@ -120,7 +121,8 @@ class Runner:
             return
         pieces = self.pieces.setdefault(key, [])
         pieces.append(piece)
-        if len(pieces) >= self.progress_pieces:
+        first = len(pieces) == 1 and key not in self.streaming
+        if first or len(pieces) >= self.progress_pieces:
             self._pieces_due()
         elif self.pieces_timer is None and not self.pieces_due:
             self.pieces_timer = asyncio.get_running_loop().call_later(

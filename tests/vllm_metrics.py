@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import urllib.request
-from typing import Dict
+from typing import Dict, List
 
 from harness.servers import Server
 from tests.waiting import until
@@ -39,3 +39,15 @@ def counted(server: Server, before: Dict[str, float], reason: str, count: int
 
     return until(check, f"vLLM counting {count} more requests finished by {reason}",
                  interval=0.2)
+
+
+def aborted_requests(server: Server, max_tokens: int) -> List[str]:
+    """vLLM's ids of the requests asking ``max_tokens`` that its log says it aborted; the
+    assertion names them when one was received but not aborted."""
+    log = server.log_path.read_text(errors="replace") if server.log_path else ""
+    received = re.findall(rf"Received request (\S+): params: .*max_tokens={max_tokens}\b", log)
+    assert received, f"vLLM's log shows no request for max_tokens={max_tokens}"
+    left = [found for found in received if f"Request {found} aborted." not in log]
+    assert not left, f"received but not aborted: {left}"
+    return received
+

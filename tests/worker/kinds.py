@@ -25,10 +25,12 @@ async def echo_test(job: AgentJob) -> Dict[str, Any]:
     if job.metadata.get("pieces"):
         sink = progress_sink()
         pieces = [f"p{i} " for i in range(int(job.metadata["pieces"]))]
+        delay = float(job.metadata.get("piece_delay", "0"))
         for piece in pieces:
             if sink is not None:
                 sink(piece)
-            await asyncio.sleep(float(job.metadata.get("piece_delay", "0")))
+            if delay:  # else all at once, as a stream read whole in one go
+                await asyncio.sleep(delay)
         return {"content": "".join(pieces), "model": "echo", "streamed": sink is not None}
     if job.metadata.get("fail") == "permanent":
         raise ValueError("asked to fail")

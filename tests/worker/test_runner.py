@@ -131,27 +131,33 @@ def run_streamed(runners: RayRunners, jobs: List[AgentJob]) -> List[List[str]]:
 
 def test_partial_output_reaches_its_own_job_in_order_and_before_its_outcome(
         runners: RayRunners) -> None:
-    # 40 pieces 10 ms apart take 0.4 s or more: past one 250 ms interval, so at least one
-    # batch comes before the outcome's; batching keeps the calls well under one per piece.
-    seen = run_streamed(runners, [job(i, pieces="40", piece_delay="0.01") for i in range(3)])
+    # 40 pieces 20 ms apart take 0.8 s or more: the first goes at once, the others in
+    # batches of 250 ms, so at least three calls, and well under one per piece.
+    seen = run_streamed(runners, [job(i, pieces="40", piece_delay="0.02") for i in range(3)])
     for texts in seen:
         *partial, outcome = texts
         assert outcome == "=" + "".join(f"p{i} " for i in range(40))
         assert "".join(partial) == outcome[1:], texts  # every piece, in order, none twice
-        assert 2 <= len(partial) < 40, texts
+        assert 3 <= len(partial) < 40, texts
 
 
-def test_partial_output_is_sent_once_a_job_holds_enough_pieces(ray_address: str) -> None:
+def test_partial_output_is_sent_at_the_first_piece_then_once_a_job_holds_enough(
+        ray_address: str) -> None:
     connection = RayConnection(ray_address, namespace=f"runner-{uuid.uuid4().hex[:8]}")
     try:
-        # An interval of a minute: only the count of pieces sends any before the outcome.
+        # An interval of a minute: only the first piece and the count of pieces send any
+        # before the outcome.
         (texts,) = run_streamed(RayRunners(connection, progress_interval=60, progress_pieces=5),
-                                [job(0, pieces="30", piece_delay="0.02")])
+                                [job(0, pieces="10", piece_delay="0.2")])
     finally:
         connection.disconnect()
     *partial, outcome = texts
     assert "".join(partial) == outcome[1:]
-    assert len(partial) >= 2 and all(len(text.split()) >= 5 for text in partial[:-1]), texts
+    # The first piece at once (sooner than five pieces), then five or more at a time, then
+    # what is left with the outcome.
+    first, *batches, _ = partial
+    assert len(first.split()) < 5 and batches, texts
+    assert all(len(text.split()) >= 5 for text in batches), texts
 
 
 def test_an_answer_that_comes_whole_has_no_partial_output(runners: RayRunners) -> None:
