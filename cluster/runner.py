@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 
 from core import tracing
@@ -21,6 +22,15 @@ from core.contract import AgentJob
 from core.errors import JobError, RayLost, classify
 
 Outcome = Tuple[bool, Any]  # (True, result) or (False, the job's exception)
+
+# The running job's progress callback (set by the runner for each job's task; None outside one).
+PROGRESS: "contextvars.ContextVar[Optional[Callable[[str], None]]]" = contextvars.ContextVar(
+    "ray_executor_progress", default=None)
+
+
+def progress_sink() -> Optional[Callable[[str], None]]:
+    """The callback a job kind gives each piece of partial output to, or None."""
+    return PROGRESS.get()
 
 
 class Runner:
