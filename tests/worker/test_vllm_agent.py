@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 
 from cluster.prompts import DIVERSITY_INSTRUCTION, PERSONAS, build_messages, sampling
-from cluster.vllm import call_vllm, chat_url, extract_score, parse_retry_after, resolve_url
+from cluster.completion import extract_score
+from cluster.vllm import call_vllm, chat_url, parse_retry_after, resolve_url
 from core import task_types
 from core.contract import AgentJob
 from core.errors import LLMError
@@ -67,7 +68,7 @@ def failure(url: str, job: AgentJob, timeout: float = 10.0) -> LLMError:
 def test_success(llm: StandinThread) -> None:
     result = call(llm.url, make_job())
     assert set(result) == {"content", "reasoning", "model", "tokens", "usage", "temperature",
-                           "score", "finish_reason"}
+                           "score", "finish_reason", "ttft_ms", "tokens_per_second"}
     assert result["content"].startswith(MARKER)
     assert "Add a cache to the orders service." in result["content"]
     assert "stand-in" in result["reasoning"].lower()
