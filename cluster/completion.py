@@ -77,6 +77,8 @@ class CompletionStream:
 
     def event(self, data: str) -> None:
         """Take one event's data: a JSON chunk, an error, or ``[DONE]``."""
+        if self.ended is not None:  # nothing counts after [DONE]
+            return
         if data.strip() == "[DONE]":
             self.ended = time.monotonic()
             if not self.choices:

@@ -17,7 +17,7 @@ Behaviour fields (``harness.standin_behaviour.Behaviour`` says each): ``latency`
 ``hold``, ``content``, and how an answer is streamed: ``stream``, ``piece_chars``,
 ``piece_delay``. A request with ``"stream": true`` gets the answer it would get whole as
 vLLM's server-sent events (``harness.standin_stream``); ``GET /stats`` lists the
-``temperature`` and ``response_format`` asked for (``sampling``).
+``temperature``, ``response_format`` and ``stream`` asked for (``sampling``).
 
 Pure asyncio: one coroutine per connection and no thread per request, so thousands of slow
 requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` request bodies.
@@ -315,7 +315,7 @@ class StandinLLM:
             return 400, error_body(400, "the body must be JSON"), "errors"
         if isinstance(request, dict):
             self.sampling.append({key: request.get(key) for key in
-                                  ("temperature", "response_format")})
+                                  ("temperature", "response_format", "stream")})
         try:
             return 200, completion(request, self.model, self.behaviour.content), "completed"
         except HttpError as exc:
@@ -365,7 +365,8 @@ class StandinThread:
         return self._call(lambda: list(self.server.traceparents))  # type: ignore[no-any-return]
 
     def sampling(self) -> List[Dict[str, Any]]:
-        """``temperature`` and ``response_format`` of the last chat requests, oldest first."""
+        """``temperature``, ``response_format`` and ``stream`` of the last chat requests,
+        oldest first."""
         return self._call(lambda: list(self.server.sampling))  # type: ignore[no-any-return]
 
     def stop(self, timeout: float = 15.0) -> None:
