@@ -24,7 +24,7 @@ from core.errors import JobError, RayLost, classify
 Outcome = Tuple[bool, Any]  # (True, result) or (False, the job's exception)
 
 # The running job's progress callback (set by the runner for each job's task; None outside one).
-PROGRESS: "contextvars.ContextVar[Optional[Callable[[str], None]]]" = contextvars.ContextVar(
+PROGRESS: contextvars.ContextVar[Optional[Callable[[str], None]]] = contextvars.ContextVar(
     "ray_executor_progress", default=None)
 
 
