@@ -31,11 +31,12 @@ STREAM = (b": a comment\r\n"
           b"data: {\"a\": 1}\r\n\r\n"
           b"event: ignored\nid: 7\nretry: 10\ndata:no space\ndata:  two spaces\n\n"
           b"data: caf\xc3\xa9\r\r"
+          b"data: first\r\ndata: second\r\n\r\n"  # cut inside a CRLF: still one line end
           b"data\n\n"  # a field name alone: an empty value
           b"\n\n"  # blank lines without data dispatch nothing
           b"data: [DONE]\n\n"
           b"data: never ended")
-EVENTS = ['{"a": 1}', "no space\n two spaces", "café", "", "[DONE]"]
+EVENTS = ['{"a": 1}', "no space\n two spaces", "café", "first\nsecond", "", "[DONE]"]
 
 
 def test_the_decoder_gives_each_event_whole_however_the_bytes_are_cut() -> None:
