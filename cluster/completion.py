@@ -105,7 +105,8 @@ class CompletionStream:
         if not isinstance(choice, dict) or choice.get("index", 0) != 0:
             return
         self.choices += 1
-        delta = choice.get("delta") if isinstance(choice.get("delta"), dict) else {}
+        delta = choice.get("delta")
+        delta = delta if isinstance(delta, dict) else {}
         reasoning = _text(delta.get("reasoning_content")) or _text(delta.get("reasoning"))
         piece = _text(delta.get("content"))
         if (reasoning or piece) and self.first is None:
