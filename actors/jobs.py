@@ -37,6 +37,7 @@ from cluster.kinds import KINDS, JobKind
 from core import contract, tracing
 from core.contract import AgentJob
 from core.errors import CANCELLED, RAY_UNAVAILABLE, classify
+from core.logs import redact
 
 logger = logging.getLogger("ray_executor.jobs")
 tracer = trace.get_tracer("ray_executor.jobs")
@@ -165,9 +166,22 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
     measured = metrics.get()
     measured.job_seconds.labels(kind.name).observe(elapsed)
     measured.jobs.labels(kind.name, "completed").inc()
-    if isinstance(result, dict) and result.get("latency_ms"):
-        measured.vllm_seconds.observe(result["latency_ms"] / 1000)
+    if isinstance(result, dict):
+        _observe_vllm(measured, job, result)
     await _record(runtime, job, outcome, log)
+
+
+def _observe_vllm(measured: Any, job: AgentJob, result: Dict[str, Any]) -> None:
+    """The vLLM call's latency, time to first token and tokens per second (the last two by
+    the endpoint as configured, credentials masked, and the model that answered)."""
+    if result.get("latency_ms"):
+        measured.vllm_seconds.observe(result["latency_ms"] / 1000)
+    labels = (redact(job.vllm_url), str(result.get("model") or job.model))
+    if isinstance(result.get("ttft_ms"), (int, float)) and result["ttft_ms"] > 0:
+        measured.vllm_ttft_seconds.labels(*labels).observe(result["ttft_ms"] / 1000)
+    if isinstance(result.get("tokens_per_second"), (int, float)) and \
+            result["tokens_per_second"] > 0:
+        measured.vllm_tokens_per_second.labels(*labels).observe(result["tokens_per_second"])
 
 
 async def _failed(runtime: WorkerRuntime, job: AgentJob, exc: Exception, attempt: int,

@@ -32,6 +32,16 @@ def get() -> SimpleNamespace:
                 vllm_seconds=prom.Histogram(
                     "ray_executor_vllm_seconds", "vLLM chat completion latency seen on Ray.",
                     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)),
+                vllm_ttft_seconds=prom.Histogram(
+                    "ray_executor_vllm_time_to_first_token_seconds",
+                    "Time from sending the streamed vLLM request to its first token, seen on "
+                    "Ray.", ["endpoint", "model"],
+                    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)),
+                vllm_tokens_per_second=prom.Histogram(
+                    "ray_executor_vllm_tokens_per_second",
+                    "Completion tokens per second of a streamed vLLM answer, first token to "
+                    "end.", ["endpoint", "model"],
+                    buckets=(1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000)),
                 retries=prom.Counter("ray_executor_retries", "Retries by error type.",
                                      ["error_type"]),
                 limiter_waits=prom.Counter(

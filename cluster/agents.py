@@ -7,6 +7,7 @@ import time
 from typing import Any, Dict, Optional
 
 from cluster.kinds import job_kind
+from cluster.runner import progress_sink
 from cluster.vllm import call_vllm, resolve_url
 from core import task_types
 from core.contract import VLLM_AGENT, AgentJob
@@ -26,13 +27,14 @@ async def _http() -> Any:
 
 @job_kind(VLLM_AGENT)
 async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
-    """Runs on the Ray cluster: one agent's chat completion against vLLM."""
+    """Runs on the Ray cluster: one agent's chat completion against vLLM, its answer streamed
+    piece by piece to the runner's progress sink (``cluster.runner.progress_sink``)."""
     import ray
-
 
     base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
     started = time.perf_counter()
-    result = await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds)
+    result = await call_vllm(await _http(), job, base_url=base_url, timeout=job.timeout_seconds,
+                             on_delta=progress_sink())
     if task_types.task_type(job.metadata) == task_types.TASK_EXTRACTION:
         try:
             task_types.tasks_of(result["content"])

@@ -1,9 +1,11 @@
 """The vLLM HTTP client of an agent job, on the Ray cluster: call, classify, parse.
 
-``call_vllm`` posts one OpenAI chat completion (the prompt from ``cluster.prompts``) to vLLM
-and returns the agent's result (the fields ``core.contract.agent_event`` publishes). Every
-failure becomes an ``LLMError`` (``core.errors``) whose ``error_type`` and ``retryable`` the
-worker uses to retry (honouring ``retry_after``), give up or open the circuit breaker.
+``call_vllm`` posts one streamed OpenAI chat completion (the prompt from ``cluster.prompts``)
+to vLLM, hands the pieces of the answer to a callback as they come, and returns the agent's
+result (the fields ``core.contract.agent_event`` publishes; ``cluster.completion`` adds them
+up from the stream). Every failure becomes an ``LLMError`` (``core.errors``) whose
+``error_type`` and ``retryable`` the worker uses to retry (honouring ``retry_after``), give
+up or open the circuit breaker.
 
 Python 3.9 compatible (the Ray cluster's Python); needs aiohttp, never Ray or Dramatiq.
 """
@@ -17,12 +19,13 @@ import json
 import logging
 import math
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import aiohttp
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from cluster.completion import CompletionStream, error_type_for_status, parse_completion
 from cluster.prompts import build_messages, meta, sampling
 from core import tracing
 from core.contract import AgentJob
@@ -65,20 +68,6 @@ def parse_retry_after(value: Optional[str]) -> Optional[float]:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def error_type_for_status(status: int) -> str:
-    if status == 429:
-        return "rate_limited"
-    if status == 503:
-        return "unavailable"
-    if status >= 500:
-        return "server_error"
-    if status == 408:  # the server or a proxy timed out waiting: worth retrying
-        return "timeout"
-    if 400 <= status < 500:
-        return "bad_request"
-    return "invalid_response"
-
-
 def _error_message(body: bytes) -> str:
     """The message of an OpenAI- or vLLM-style error body, else the start of the body."""
     try:
@@ -104,13 +93,28 @@ def trace_headers(job: AgentJob) -> Dict[str, str]:
 
 
 async def call_vllm(session: aiohttp.ClientSession, job: AgentJob, *, base_url: str,
-                    timeout: float) -> Dict[str, Any]:
-    """One chat completion for ``job``; the agent's result, or ``LLMError``.
+                    timeout: float, on_delta: Optional[Callable[[str], None]] = None
+                    ) -> Dict[str, Any]:
+    """One streamed chat completion for ``job``; the agent's result, or ``LLMError``.
 
-    ``timeout`` (seconds, ≤ 0 for none) bounds the whole call, connecting included.
-    Cancelling the calling task closes the HTTP request. The call is a client span whose
-    parent is the job's W3C trace context (``metadata["traceparent"]``/``["tracestate"]``);
-    the span's context goes to vLLM as HTTP headers.
+    Parameters:
+      session: the HTTP client session (its connections are reused).
+      job: the agent's job (prompt, sampling, model, trace context).
+      base_url: the vLLM base URL, resolved for this node (``resolve_url``).
+      timeout: seconds (≤ 0 for none) bounding the whole call, connecting and every chunk of
+        the stream included.
+      on_delta: called with each non-empty piece of the answer's content, in order, as it
+        arrives (the raw pieces: a ``<think>`` part the result moves to ``reasoning`` is in
+        them). One that raises is logged and called no more: partial output is a courtesy,
+        the call goes on.
+
+    The result has the fields of ``parse_completion`` (the same as an unstreamed call's) and
+    ``ttft_ms`` (ms from sending the request to the first piece of content or reasoning; 0
+    when none came) and ``tokens_per_second`` (completion tokens over the seconds from the
+    first piece to the end; 0 under 2 tokens). Cancelling the calling task closes the HTTP
+    request. The call is a client span whose parent is the job's W3C trace context
+    (``metadata["traceparent"]``/``["tracestate"]``); the span's context goes to vLLM as HTTP
+    headers.
     """
     if not base_url.strip():
         raise LLMError("no vLLM URL configured for this job", "invalid_request", False)
@@ -121,30 +125,38 @@ async def call_vllm(session: aiohttp.ClientSession, job: AgentJob, *, base_url: 
     with trace.use_span(span, end_on_exit=True, record_exception=False,
                         set_status_on_exception=False):
         try:
-            result = await _chat(session, job, base_url, timeout, headers)
+            result = await _chat(session, job, base_url, timeout, headers, on_delta)
         except LLMError as exc:
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             span.set_attribute("error.type", exc.error_type)
             raise
         span.set_attribute("gen_ai.usage.output_tokens", result["tokens"])
+        span.set_attribute("ray_executor.ttft_ms", result["ttft_ms"])
         return result
 
 
 async def _chat(session: aiohttp.ClientSession, job: AgentJob, base_url: str, timeout: float,
-                headers: Dict[str, str]) -> Dict[str, Any]:
+                headers: Dict[str, str], on_delta: Optional[Callable[[str], None]]
+                ) -> Dict[str, Any]:
     params = sampling(job)
-    payload: Dict[str, Any] = {"messages": build_messages(job), **params}
+    payload: Dict[str, Any] = {"messages": build_messages(job), **params, "stream": True,
+                               "stream_options": {"include_usage": True}}
     if job.model:
         payload["model"] = job.model
     url = chat_url(base_url)
     limit = aiohttp.ClientTimeout(total=timeout if timeout and timeout > 0 else None)
     started = time.monotonic()
+    stream = CompletionStream(job.model, on_delta, started)
+    body = b""
     try:
         async with session.post(url, json=payload, timeout=limit,
                                 headers=headers or None) as response:
-            body = await response.read()
             status = response.status
             retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            if not 200 <= status < 300 or response.content_type == "application/json":
+                body = await response.read()  # an error, or a server that does not stream
+            else:
+                await stream.read(response.content)
     except asyncio.TimeoutError:
         raise LLMError(f"no answer from {url} within {timeout:g}s", "timeout") from None
     except aiohttp.InvalidURL as exc:
@@ -153,77 +165,21 @@ async def _chat(session: aiohttp.ClientSession, job: AgentJob, base_url: str, ti
         raise LLMError(f"invalid HTTP answer from {url}: {exc}", "invalid_response",
                        status=exc.status or None) from None
     except (aiohttp.ClientError, OSError) as exc:
-        raise LLMError(f"cannot reach {url}: {type(exc).__name__}: {exc}",
-                       "connection") from None
+        what = f"the stream from {url} broke after {stream.chunks} chunks" if stream.chunks \
+            else f"cannot reach {url}"
+        raise LLMError(f"{what}: {type(exc).__name__}: {exc}", "connection") from None
     elapsed_ms = (time.monotonic() - started) * 1000
     if not 200 <= status < 300:
         error_type = error_type_for_status(status)
         logger.debug("vLLM answered %d after %.0f ms (%s)", status, elapsed_ms, error_type)
         raise LLMError(f"vLLM answered HTTP {status}: {_error_message(body)}", error_type,
                        status=status, retry_after=retry_after)
-    result = parse_completion(body, default_model=job.model)
+    if stream.ended is not None:
+        result = stream.result()
+    else:  # answered whole: its first token is known to have come by the end
+        result = {**parse_completion(body, default_model=job.model),
+                  "ttft_ms": round(elapsed_ms, 3), "tokens_per_second": 0.0}
     result["temperature"] = params["temperature"]
-    logger.debug("vLLM answered in %.0f ms, %d tokens", elapsed_ms, result["tokens"])
+    logger.debug("vLLM answered in %.0f ms, %d tokens, first after %.0f ms", elapsed_ms,
+                 result["tokens"], result["ttft_ms"])
     return result
-
-
-def parse_completion(body: bytes, *, default_model: str = "") -> Dict[str, Any]:
-    """The agent's result from a chat completion body (``temperature`` is the caller's)."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        raise LLMError(f"vLLM answer is not JSON: {body[:200]!r}", "invalid_response",
-                       status=200) from None
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
-            or not isinstance(choices[0].get("message"), dict):
-        raise LLMError(f"vLLM answer has no choices[0].message: {body[:200]!r}",
-                       "invalid_response", status=200)
-    choice = choices[0]
-    message = choice["message"]
-    content = _text(message.get("content"))
-    reasoning = _text(message.get("reasoning_content")) or _text(message.get("reasoning"))
-    if not reasoning and "</think>" in content:  # a model without vLLM's reasoning parser
-        thought, _, content = content.partition("</think>")
-        reasoning = thought.replace("<think>", "", 1).strip()
-        content = content.strip()
-    usage = data.get("usage")
-    usage = usage if isinstance(usage, dict) else {}
-    tokens = usage.get("completion_tokens")
-    return {
-        "content": content,
-        "reasoning": reasoning,
-        "model": str(data.get("model") or default_model),
-        "tokens": tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0,
-        "usage": usage,
-        "temperature": None,
-        "score": extract_score(content),
-        "finish_reason": str(choice.get("finish_reason") or ""),
-    }
-
-
-def _text(content: Any) -> str:
-    """Text of a message field: a string, or a list of OpenAI content parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part["text"] for part in content
-                       if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return ""
-
-
-def extract_score(content: str) -> float:
-    """``score`` of a JSON-object answer when it is a number in [0, 1]; else 0.0."""
-    text = content.strip()
-    if text.startswith("```"):  # a fenced ```json block
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-        text = text.rsplit("```", 1)[0]
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return 0.0
-    score = value.get("score") if isinstance(value, dict) else None
-    if isinstance(score, (int, float)) and not isinstance(score, bool) \
-            and math.isfinite(score) and 0 <= score <= 1:
-        return float(score)
-    return 0.0

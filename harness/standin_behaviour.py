@@ -16,7 +16,7 @@ from harness.standin_http import HttpError
 MARKER = "[stand-in LLM, not a real model]"
 REASONING = "Stand-in reasoning: no model ran; this text is fixed and says nothing."
 ECHO_CHARS = 200
-_FAULTS = ("status", "hang", "garbage", "reset")
+_FAULTS = ("status", "hang", "garbage", "reset", "break_after", "error_after")
 
 
 class ControlError(ValueError):
@@ -25,7 +25,19 @@ class ControlError(ValueError):
 
 @dataclasses.dataclass
 class Behaviour:
-    """What the stand-in does with chat requests; shared by all of them."""
+    """What the stand-in does with chat requests; shared by all of them.
+
+    ``latency``: seconds before every chat answer, whatever the answer is. Faults: ``status``
+    (non-200: answer that status with an OpenAI-style error, with a ``Retry-After`` header
+    when ``retry_after`` is set), ``hang`` (never answer until the client goes away),
+    ``garbage`` (answer 200 with a body, or a streamed chunk, that is not JSON), ``reset``
+    (close the connection without answering), ``break_after``/``error_after`` (below); each
+    for the next ``fail_count`` chat requests (-1: all), after which the faults are cleared.
+    Setting a fault without ``fail_count`` sets it to -1. ``hold``: every chat request waits
+    until it is set false again (a test fills a concurrency limit exactly, whatever the
+    machine's speed). ``content``: the answer of every successful chat (e.g. a structured
+    answer that does not fit its schema).
+    """
 
     latency: float = 0.0
     status: int = 200
@@ -36,9 +48,21 @@ class Behaviour:
     reset: bool = False
     hold: bool = False  # chat requests wait (before their latency) until it is set false
     content: Optional[str] = None  # answer every chat with this content (e.g. a bad answer)
+    # Streamed answers (``"stream": true``; harness.standin_stream): ``stream`` false answers
+    # them whole, as a server that cannot stream would; the content goes in pieces of
+    # ``piece_chars`` characters, ``piece_delay`` seconds apart.
+    stream: bool = True
+    piece_chars: int = 8
+    piece_delay: float = 0.0
+    # Faults of streamed answers only (a request that does not stream is answered whole and
+    # uses up one of fail_count all the same): after this many content pieces, close the
+    # connection (no end, no [DONE]), or send vLLM's error chunk (then [DONE], as vLLM does).
+    break_after: Optional[int] = None
+    error_after: Optional[int] = None
 
     def faulty(self) -> bool:
-        return self.status != 200 or self.hang or self.garbage or self.reset
+        return self.status != 200 or self.hang or self.garbage or self.reset \
+            or self.break_after is not None or self.error_after is not None
 
     def update(self, changes: Mapping[str, Any]) -> None:
         """Apply ``changes`` (validated first: nothing changes when one is invalid)."""
@@ -51,6 +75,7 @@ class Behaviour:
     def clear_faults(self) -> None:
         self.status = 200
         self.hang = self.garbage = self.reset = False
+        self.break_after = self.error_after = None
         self.fail_count = -1
 
 
@@ -72,12 +97,18 @@ def _checked(name: str, value: Any) -> Any:
         "reset": lambda: isinstance(value, bool),
         "hold": lambda: isinstance(value, bool),
         "content": lambda: value is None or isinstance(value, str),
+        "stream": lambda: isinstance(value, bool),
+        "piece_chars": lambda: integer(1, 2**31),
+        "piece_delay": lambda: number(0),
+        "break_after": lambda: value is None or integer(0, 2**31),
+        "error_after": lambda: value is None or integer(0, 2**31),
     }
     if name not in valid:
         raise ControlError(f"unknown setting {name!r} (known: {', '.join(valid)})")
     if not valid[name]():
         raise ControlError(f"invalid value for {name}: {value!r}")
-    return float(value) if name in ("latency", "retry_after") and value is not None else value
+    return float(value) if name in ("latency", "retry_after", "piece_delay") \
+        and value is not None else value
 
 
 @dataclasses.dataclass

@@ -1,8 +1,8 @@
 """The stand-in LLM's HTTP/1.1 plumbing: one connection's reads and answers, request heads.
 
-Just what ``harness.standin_llm`` needs: ``Content-Length`` bodies, keep-alive, pipelined
-requests, a TCP reset on demand, OpenAI-style error bodies. Standard library only, Python 3.9
-compatible.
+Just what ``harness.standin_llm`` needs: ``Content-Length`` request bodies, answers with a
+``Content-Length`` or in chunks (a streamed answer), keep-alive, pipelined requests, a TCP
+reset on demand, OpenAI-style error bodies. Standard library only, Python 3.9 compatible.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import struct
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Awaitable, Dict, Mapping, Optional, Tuple
 
 logger = logging.getLogger("ray_executor.standin_llm")
 
@@ -92,6 +92,21 @@ class Connection:
             if len(self.buffer) > MAX_HEAD_BYTES + MAX_BODY_BYTES:  # stop reading a flood
                 await asyncio.get_running_loop().create_future()
 
+    async def wait_unless_gone(self, seconds: Optional[float],
+                               until: Optional[Awaitable[Any]] = None) -> bool:
+        """Wait ``seconds`` (None: forever) or until ``until`` is done; False if the client
+        went away meanwhile."""
+        watcher = asyncio.ensure_future(self.gone())
+        waits = [watcher] if until is None else [watcher, asyncio.ensure_future(until)]
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                if not wait.done():
+                    wait.cancel()
+                    await asyncio.wait([wait])  # no two reads of the stream at once
+        return watcher.cancelled()  # cancelled by us: the wait ended with the client there
+
     def reset(self) -> None:
         """Close the connection at once with a TCP reset, answering nothing."""
         sock = self.writer.get_extra_info("socket")
@@ -104,17 +119,29 @@ class Connection:
                    content_type: str = "application/json",
                    headers: Optional[Dict[str, str]] = None) -> bool:
         """Write one answer; False when the client is gone."""
+        head = _head(status, content_type, keep_alive,
+                     {"Content-Length": str(len(body)), **(headers or {})})
+        return await self._write(head + body)
+
+    async def start_chunked(self, status: int, content_type: str, *, keep_alive: bool) -> bool:
+        """Write the head of an answer whose body follows in chunks (``send_chunk``, then
+        ``end_chunked``); False when the client is gone."""
+        head = _head(status, content_type, keep_alive, {"Transfer-Encoding": "chunked",
+                                                        "Cache-Control": "no-cache"})
+        return await self._write(head)
+
+    async def send_chunk(self, data: bytes) -> bool:
+        """One chunk of a chunked body, sent at once; False when the client is gone."""
+        return await self._write(b"%x\r\n%s\r\n" % (len(data), data)) if data else True
+
+    async def end_chunked(self) -> bool:
+        return await self._write(b"0\r\n\r\n")
+
+    async def _write(self, data: bytes) -> bool:
+        if self.writer.is_closing():
+            return False
         try:
-            reason = http.HTTPStatus(status).phrase
-        except ValueError:
-            reason = "Error"
-        lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
-                 f"Content-Length: {len(body)}",
-                 f"Connection: {'keep-alive' if keep_alive else 'close'}",
-                 "Server: standin-llm"]
-        lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
-        try:
-            self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+            self.writer.write(data)
             await self.writer.drain()
         except OSError:
             return False
@@ -124,6 +151,18 @@ class Connection:
                         headers: Optional[Dict[str, str]] = None) -> bool:
         return await self.send(status, json.dumps(value).encode(), keep_alive=keep_alive,
                                headers=headers)
+
+
+def _head(status: int, content_type: str, keep_alive: bool,
+          headers: Mapping[str, str]) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Error"
+    lines = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {content_type}",
+             f"Connection: {'keep-alive' if keep_alive else 'close'}", "Server: standin-llm"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def parse_head(head: bytes) -> Tuple[str, str, str, Dict[str, str]]:

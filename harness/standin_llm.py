@@ -11,24 +11,21 @@ Endpoints: ``POST /v1/chat/completions``; ``GET /v1/models``, ``/health``, ``/st
 ``/control``; ``POST /control`` (JSON, any subset of the behaviour fields) and
 ``POST /control/reset`` (back to the behaviour it was started with, counters zeroed).
 
-Behaviour fields: ``latency`` (seconds before every chat answer, whatever the answer is),
-``status`` (non-200: answer that status with an OpenAI-style error), ``retry_after`` (adds a
-``Retry-After`` header to error answers), ``hang`` (never answer until the client goes away),
-``garbage`` (answer 200 with a body that is not JSON), ``reset`` (close the connection without
-answering), ``hold`` (every chat request waits until ``hold`` is set false again: a test fills
-a concurrency limit exactly, whatever the machine's speed) and ``fail_count``: how many next
-chat requests get the fault (``status``, ``hang``, ``garbage`` or ``reset``); -1 means all of
-them. Once they are used up the faults are cleared and requests succeed again. Setting a fault
-without ``fail_count`` sets it to -1. ``content`` (a string) is the answer of every successful
-chat, e.g. a structured answer that does not fit its schema; ``GET /stats`` lists the
-``temperature`` and ``response_format`` asked for (``sampling``).
+Behaviour fields (``harness.standin_behaviour.Behaviour`` says each): ``latency``, the faults
+``status`` (with ``retry_after``), ``hang``, ``garbage``, ``reset`` and, of streamed answers,
+``break_after`` and ``error_after``, each for the next ``fail_count`` chat requests (-1: all),
+``hold``, ``content``, and how an answer is streamed: ``stream``, ``piece_chars``,
+``piece_delay``. A request with ``"stream": true`` gets the answer it would get whole as
+vLLM's server-sent events (``harness.standin_stream``); ``GET /stats`` lists the
+``temperature``, ``response_format`` and ``stream`` asked for (``sampling``).
 
 Pure asyncio: one coroutine per connection and no thread per request, so thousands of slow
-requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` bodies only.
+requests are in flight at once. HTTP/1.1 with keep-alive, ``Content-Length`` request bodies.
 Standard library only, Python 3.9 compatible (the worker-side tests run it too). The
-behaviour and the answers' bodies live in ``harness.standin_behaviour``, the HTTP/1.1 plumbing
-in ``harness.standin_http``; what stays here (the server, its control API and its command
-line, a little over 400 lines) is one unit that tests drive as a whole::
+behaviour and the answers' bodies live in ``harness.standin_behaviour``, the streamed answers
+in ``harness.standin_stream``, the HTTP/1.1 plumbing in ``harness.standin_http``; what stays
+here (the server, its control API and its command line) is one unit that tests drive as a
+whole::
 
     python -m harness.standin_llm --port 8000 --latency 0.2
 """
@@ -44,7 +41,7 @@ import logging
 import signal
 import sys
 import threading
-from typing import Any, Awaitable, Callable, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple
 
 from harness.standin_behaviour import Behaviour, ControlError, Stats, completion
 from harness.standin_http import (
@@ -56,6 +53,13 @@ from harness.standin_http import (
     keep_alive_wanted,
     parse_head,
     raise_fd_limit,
+)
+from harness.standin_stream import (
+    GARBAGE,
+    include_usage,
+    send_garbage_stream,
+    send_stream,
+    wants_stream,
 )
 
 logger = logging.getLogger("ray_executor.standin_llm")
@@ -258,19 +262,20 @@ class StandinLLM:
         counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
         try:
             if self.behaviour.hold and self._released is not None and \
-                    not await self._wait_unless_gone(conn, None, self._released.wait()):
+                    not await conn.wait_unless_gone(None, self._released.wait()):
                 self.counters.cancelled += 1
                 return False
             latency = self.behaviour.latency
             fault = self._take_fault()
             wait = None if fault is not None and fault.hang else latency
-            if (wait is None or wait > 0) and not await self._wait_unless_gone(conn, wait):
+            if (wait is None or wait > 0) and not await conn.wait_unless_gone(wait):
                 self.counters.cancelled += 1
                 return False
             if fault is not None and fault.reset:
                 self.counters.errors += 1
                 conn.reset()
                 return False
+            request = _decoded(body)
             if fault is not None and fault.status != 200:
                 headers = {} if fault.retry_after is None else \
                     {"Retry-After": f"{fault.retry_after:g}"}
@@ -279,25 +284,23 @@ class StandinLLM:
                                             keep_alive=keep_alive, headers=headers)
                 outcome = "errors"
             elif fault is not None and fault.garbage:
-                sent = await conn.send(200, b"<html>stand-in garbage: this is not JSON",
-                                       keep_alive=keep_alive)
+                sent = await (send_garbage_stream(conn, keep_alive=keep_alive)
+                              if wants_stream(request) else
+                              conn.send(200, GARBAGE, keep_alive=keep_alive))
                 outcome = "errors"
             else:
-                try:
-                    request = json.loads(body)
-                    if isinstance(request, dict):
-                        self.sampling.append({key: request.get(key) for key in
-                                              ("temperature", "response_format")})
-                    answer = completion(request, self.model, self.behaviour.content)
-                except ValueError:
-                    status, value, outcome = 400, error_body(400, "the body must be JSON"), \
-                        "errors"
-                except HttpError as exc:
-                    status, value, outcome = exc.status, error_body(exc.status, exc.message), \
-                        "errors"
+                status, value, outcome = self._answer(request)
+                if status == 200 and wants_stream(request) and self.behaviour.stream:
+                    outcome = await send_stream(
+                        conn, value, usage=include_usage(request), keep_alive=keep_alive,
+                        piece_chars=self.behaviour.piece_chars,
+                        piece_delay=self.behaviour.piece_delay,
+                        break_after=fault.break_after if fault is not None else None,
+                        error_after=fault.error_after if fault is not None else None,
+                        pause=conn.wait_unless_gone)
+                    sent = outcome != "cancelled"
                 else:
-                    status, value, outcome = 200, answer, "completed"
-                sent = await conn.send_json(status, value, keep_alive=keep_alive)
+                    sent = await conn.send_json(status, value, keep_alive=keep_alive)
             if not sent:
                 outcome = "cancelled"
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
@@ -305,21 +308,26 @@ class StandinLLM:
         finally:
             self.counters.in_flight -= 1
 
-    @staticmethod
-    async def _wait_unless_gone(conn: Connection, seconds: Optional[float],
-                                until: Optional[Awaitable[Any]] = None) -> bool:
-        """Wait ``seconds`` (None: forever) or until ``until`` is done; False if the client
-        went away meanwhile."""
-        watcher = asyncio.ensure_future(conn.gone())
-        waits = [watcher] if until is None else [watcher, asyncio.ensure_future(until)]
+    def _answer(self, request: Any) -> Tuple[int, Any, str]:
+        """(status, JSON value, outcome) of a chat request: its decoded body, None when the
+        body is not JSON."""
+        if request is None:
+            return 400, error_body(400, "the body must be JSON"), "errors"
+        if isinstance(request, dict):
+            self.sampling.append({key: request.get(key) for key in
+                                  ("temperature", "response_format", "stream")})
         try:
-            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                if not wait.done():
-                    wait.cancel()
-                    await asyncio.wait([wait])  # no two reads of the stream at once
-        return watcher.cancelled()  # cancelled by us: the wait ended with the client there
+            return 200, completion(request, self.model, self.behaviour.content), "completed"
+        except HttpError as exc:
+            return exc.status, error_body(exc.status, exc.message), "errors"
+
+
+def _decoded(body: bytes) -> Any:
+    """The JSON value of a request body, None when it is not JSON."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
 
 
 # --- running it -------------------------------------------------------------------------
@@ -357,7 +365,8 @@ class StandinThread:
         return self._call(lambda: list(self.server.traceparents))  # type: ignore[no-any-return]
 
     def sampling(self) -> List[Dict[str, Any]]:
-        """``temperature`` and ``response_format`` of the last chat requests, oldest first."""
+        """``temperature``, ``response_format`` and ``stream`` of the last chat requests,
+        oldest first."""
         return self._call(lambda: list(self.server.sampling))  # type: ignore[no-any-return]
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -284,3 +284,89 @@ def test_command_line() -> None:
     finally:
         process.terminate()
         assert process.wait(10) == 0
+
+
+STREAM = dict(CHAT, stream=True, stream_options={"include_usage": True})
+
+
+def events(body: bytes) -> List[Any]:
+    """The data of each server-sent event of a streamed answer: JSON values, and "[DONE]"."""
+    data = [event[len("data: "):] for event in body.decode().split("\n\n") if event]
+    return [item if item == "[DONE]" else json.loads(item) for item in data]
+
+
+def test_a_streamed_answer_is_the_whole_answer_in_pieces(llm: StandinThread) -> None:
+    whole = json.loads(chat(llm.url)[2])
+    llm.control(piece_chars=7)
+    conn = http.client.HTTPConnection("127.0.0.1", llm.port, timeout=10)
+    try:  # chunked, on a connection kept open for the next request
+        conn.request("POST", "/v1/chat/completions", json.dumps(STREAM),
+                     {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 200 and answer.getheader("Transfer-Encoding") == "chunked"
+        assert answer.getheader("Content-Type").startswith("text/event-stream")
+        chunks = events(answer.read())
+        conn.request("POST", "/v1/chat/completions", json.dumps(dict(STREAM, stream=False)),
+                     {"Content-Type": "application/json"})
+        assert json.loads(conn.getresponse().read())["choices"]
+    finally:
+        conn.close()
+    assert chunks[-1] == "[DONE]" and chunks[-2]["choices"] == []
+    assert chunks[-2]["usage"] == whole["usage"]
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-2]]
+    assert deltas[0] == {"role": "assistant", "content": ""} and deltas[-1] == {}
+    assert chunks[-3]["choices"][0]["finish_reason"] == "stop"
+    assert {c["object"] for c in chunks[:-1]} == {"chat.completion.chunk"}
+    assert {c["model"] for c in chunks[:-1]} == {"qwen-test"}
+    message = whole["choices"][0]["message"]
+    content = [d["content"] for d in deltas[1:-1] if "content" in d]
+    reasoning = [d["reasoning_content"] for d in deltas[1:-1] if "reasoning_content" in d]
+    assert "".join(content) == message["content"] and len(content) > 3
+    assert "".join(reasoning) == message["reasoning_content"]
+    assert {len(piece) for piece in content[:-1]} == {7}
+    assert llm.stats()["completed"] == 3 and llm.sampling()[1]["stream"] is True
+    # Without include_usage, no usage chunk; with stream off, the whole answer.
+    plain = events(chat(llm.url, dict(CHAT, stream=True))[2])
+    assert plain[-1] == "[DONE]" and all(c["choices"] for c in plain[:-1])
+    llm.control(stream=False)
+    assert json.loads(chat(llm.url, STREAM)[2])["choices"][0]["message"] == message
+
+
+def test_a_stream_broken_mid_way(llm: StandinThread) -> None:
+    llm.control(break_after=2, fail_count=1, piece_chars=5)
+    conn = http.client.HTTPConnection("127.0.0.1", llm.port, timeout=10)
+    try:
+        conn.request("POST", "/v1/chat/completions", json.dumps(STREAM),
+                     {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.status == 200
+        with pytest.raises(http.client.IncompleteRead) as cut:
+            answer.read()
+    finally:
+        conn.close()
+    received = events(cut.value.partial)
+    assert [c["choices"][0]["delta"].get("content") for c in received][-2:] == [
+        MARKER[:5], MARKER[5:10]]  # two pieces, then nothing: no end, no [DONE]
+    assert llm.stats()["errors"] == 1
+    assert events(chat(llm.url, STREAM)[2])[-1] == "[DONE]"  # fail_count used up
+
+
+def test_an_error_chunk_mid_stream_and_garbage(llm: StandinThread) -> None:
+    llm.control(error_after=1, fail_count=1)
+    received = events(chat(llm.url, STREAM)[2])
+    assert received[-1] == "[DONE]"  # vLLM ends the stream after its error chunk
+    assert received[-2]["error"]["code"] == 500 and "injected" in received[-2]["error"][
+        "message"]
+    assert [c["choices"][0]["delta"].get("content") for c in received[1:-2]
+            if "content" in c["choices"][0]["delta"]] == [MARKER[:8]]
+    llm.control(garbage=True, fail_count=1)
+    status, headers, body = chat(llm.url, STREAM)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+    assert body.startswith(b"data: <html>") and body.endswith(b"data: [DONE]\n\n")
+    llm.control(status=429, fail_count=1)  # a status fault answers before any chunk
+    assert chat(llm.url, STREAM)[0] == 429
+    assert llm.stats()["errors"] == 3
+    for invalid in ({"piece_chars": 0}, {"piece_delay": -1}, {"break_after": -1},
+                    {"stream": "yes"}):
+        with pytest.raises(ControlError):
+            llm.control(**invalid)

@@ -21,6 +21,7 @@ from core import dramatiq_internals
 from core.contract import AgentJob
 from core.settings import Settings
 from core.store import DeliberationStore
+from harness.standin_behaviour import MARKER
 from harness.standin_llm import run_in_thread
 from tests.nats_events import Recorder
 from tests.waiting import until, until_async
@@ -212,6 +213,42 @@ def test_a_reset_connection_is_retried_and_a_garbage_answer_fails_once(
     for agent in agents:  # a 200 that is not JSON: retrying would get the same
         assert (agent["error_type"], agent["retryable"], agent["attempts"]) == (
             "invalid_response", False, 1)
+
+
+def test_a_streamed_answer_is_measured_and_a_stream_cut_mid_way_is_retried(
+        shared: Settings, standin: Standin) -> None:
+    """Through the worker and Ray: the answer comes streamed; a connection closed after the
+    first piece is retried like a reset; time to first token and tokens per second land in
+    the worker's /metrics under the job's endpoint and the model that answered."""
+    settings = shared
+    standin.control(piece_chars=6, piece_delay=0.01, break_after=1, fail_count=1)
+
+    async def scenario(store: DeliberationStore) -> Any:
+        return await wait_final(store, await submit(
+            store, agent_jobs(f"d-{uuid.uuid4().hex}", 2, standin.url)))
+
+    record, agents = run(settings, scenario)
+    assert record["status"] == "completed", agents
+    assert sum(a["attempts"] for a in agents) == 3  # the cut stream retried once
+    assert standin.stats()["errors"] == 1 and standin.stats()["completed"] == 2
+    for agent in agents:
+        result = agent["result"]
+        assert result["content"].startswith(MARKER), result
+        assert result["tokens"] == result["usage"]["completion_tokens"] > 2
+        assert result["ttft_ms"] > 10 and result["tokens_per_second"] > 0  # a piece per 10 ms
+
+    labels = f'{{endpoint="{standin.url}",model="standin-model"}}'
+
+    def counts() -> Dict[str, float]:
+        text = urllib.request.urlopen(
+            f"http://127.0.0.1:{settings.worker_metrics_port}/metrics", timeout=5).read().decode()
+        found = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+                 if line.endswith(" 2.0") and labels in line}
+        return found if len(found) == 2 else {}
+
+    assert set(until(counts, "both histograms counting the two calls", timeout=30)) == {
+        f"ray_executor_vllm_time_to_first_token_seconds_count{labels}",
+        f"ray_executor_vllm_tokens_per_second_count{labels}"}
 
 
 def test_retries_used_up_fail_the_agent_and_dead_letter_its_message(

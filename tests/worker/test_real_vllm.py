@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import aiohttp
 import pytest
@@ -22,14 +22,14 @@ from actors.connection import RayConnection
 from actors.runners import RayRunners
 from cluster import agents  # noqa: F401  (registers vllm_agent)
 from cluster.kinds import KINDS
-from cluster.prompts import build_messages
+from cluster.prompts import build_messages, sampling
 from cluster.vllm import call_vllm
 from core.contract import VLLM_AGENT, AgentJob
 from core.errors import JobTimeout, LLMError
 from harness.servers import Server
 from tests.tiny_model import CONTEXT, SERVED_NAME
 from tests.vllm_metrics import aborted_requests, counted, metrics
-from tests.waiting import until
+from tests.waiting import until, until_async
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.worker_env]
 
@@ -50,10 +50,11 @@ def make_job(url: str, index: int = 0, **overrides: Any) -> AgentJob:
     return AgentJob(**fields)
 
 
-def call(job: AgentJob) -> Dict[str, Any]:
+def call(job: AgentJob, on_delta: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     async def run() -> Dict[str, Any]:
         async with aiohttp.ClientSession() as session:
-            return await call_vllm(session, job, base_url=job.vllm_url, timeout=120)
+            return await call_vllm(session, job, base_url=job.vllm_url, timeout=120,
+                                   on_delta=on_delta)
 
     return asyncio.run(run())
 
@@ -95,6 +96,52 @@ def test_json_schema_is_enforced_by_guided_decoding(vllm_server: Server) -> None
         assert result["score"] == answer["score"] in (0.25, 0.5, 0.75)
         assert result["finish_reason"] == "stop"  # the grammar ended it, not max_tokens
         assert result["tokens"] == result["usage"]["completion_tokens"] < 256
+
+
+def test_a_streamed_answer_equals_the_unstreamed_one(vllm_server: Server) -> None:
+    """At temperature 0 (a task extraction's, with its grammar) the pieces ``call_vllm``
+    streams add up to what vLLM answers the same request unstreamed, posted here directly."""
+    job = make_job(vllm_server.url, metadata={"task_type": "TASK_EXTRACTION",
+                                              "max_tokens": "48"})
+    params = sampling(job)
+    assert params["temperature"] == 0.0
+    body = json.dumps({"model": SERVED_NAME, "messages": build_messages(job), **params})
+    unstreamed = urllib.request.Request(vllm_server.url + "/v1/chat/completions",
+                                        data=body.encode(),
+                                        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(unstreamed, timeout=120) as answer:
+        whole = json.load(answer)
+    pieces: List[str] = []
+    result = call(job, on_delta=pieces.append)
+    assert result["content"] == whole["choices"][0]["message"]["content"] != ""
+    assert "".join(pieces) == result["content"] and len(pieces) > 1, pieces
+    assert result["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert result["tokens"] == result["usage"]["completion_tokens"] == \
+        whole["usage"]["completion_tokens"] > 1
+    assert result["usage"]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert result["ttft_ms"] > 0 and result["tokens_per_second"] > 0, result
+
+
+def test_cancelling_mid_stream_aborts_the_request_inside_vllm(vllm_server: Server) -> None:
+    """Cancelling the call once pieces have come closes the stream, and vLLM aborts the
+    request (its log says so, and it runs none) long before its 16,000 tokens."""
+    job = make_job(vllm_server.url, agent_id="cancelled",
+                   metadata={"max_tokens": str(CONTEXT - 301)})
+    pieces: List[str] = []
+
+    async def run() -> None:
+        async with aiohttp.ClientSession() as session:
+            task = asyncio.ensure_future(call_vllm(session, job, base_url=job.vllm_url,
+                                                   timeout=120, on_delta=pieces.append))
+            await until_async(lambda: len(pieces) >= 3 or task.done(), "three pieces")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(run())
+    until(lambda: metrics(vllm_server)["vllm:num_requests_running"] == 0,
+          "vLLM running no request", timeout=60, interval=0.5)
+    assert len(aborted_requests(vllm_server, CONTEXT - 301)) == 1
 
 
 @pytest.mark.parametrize("overrides, status, says", [

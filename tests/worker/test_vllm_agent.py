@@ -1,7 +1,7 @@
 """The vLLM agent job against the stand-in LLM: prompt, sampling, parsing, error classes.
 
-Needs aiohttp (the worker environment), neither Ray nor Redis: the stand-in runs in a thread
-of the test process.
+Needs aiohttp (the worker environment), neither Ray nor Redis: the stand-in (fixture ``llm``,
+tests/worker/conftest.py) runs in a thread of the test process.
 """
 
 from __future__ import annotations
@@ -12,32 +12,21 @@ import json
 import pickle
 import re
 import time
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Optional
 
 import aiohttp
 import pytest
 
+from cluster.completion import extract_score
 from cluster.prompts import DIVERSITY_INSTRUCTION, PERSONAS, build_messages, sampling
-from cluster.vllm import call_vllm, chat_url, extract_score, parse_retry_after, resolve_url
+from cluster.vllm import call_vllm, chat_url, parse_retry_after, resolve_url
 from core import task_types
 from core.contract import AgentJob
 from core.errors import LLMError
 from harness.servers import free_port
 from harness.standin_behaviour import MARKER
-from harness.standin_llm import StandinThread, run_in_thread
+from harness.standin_llm import StandinThread
 from tests.waiting import until, until_async
-
-
-@pytest.fixture(scope="module")
-def llm() -> Iterator[StandinThread]:
-    with run_in_thread(model="standin-model") as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _clean(request: pytest.FixtureRequest) -> None:
-    if "llm" in request.fixturenames:
-        request.getfixturevalue("llm").reset()
 
 
 def make_job(index: int = 0, **overrides: Any) -> AgentJob:
@@ -50,10 +39,12 @@ def make_job(index: int = 0, **overrides: Any) -> AgentJob:
     return AgentJob(**fields)
 
 
-def call(url: str, job: AgentJob, timeout: float = 10.0) -> Dict[str, Any]:
+def call(url: str, job: AgentJob, timeout: float = 10.0,
+         on_delta: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     async def run() -> Dict[str, Any]:
         async with aiohttp.ClientSession() as session:
-            return await call_vllm(session, job, base_url=url, timeout=timeout)
+            return await call_vllm(session, job, base_url=url, timeout=timeout,
+                                   on_delta=on_delta)
 
     return asyncio.run(run())
 
@@ -67,7 +58,7 @@ def failure(url: str, job: AgentJob, timeout: float = 10.0) -> LLMError:
 def test_success(llm: StandinThread) -> None:
     result = call(llm.url, make_job())
     assert set(result) == {"content", "reasoning", "model", "tokens", "usage", "temperature",
-                           "score", "finish_reason"}
+                           "score", "finish_reason", "ttft_ms", "tokens_per_second"}
     assert result["content"].startswith(MARKER)
     assert "Add a cache to the orders service." in result["content"]
     assert "stand-in" in result["reasoning"].lower()
