@@ -12,7 +12,6 @@ worker environment runs it too.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +20,7 @@ import pytest
 
 from harness import servers
 from tests.nats_events import Recorder
-from tests.tiny_model import CONTEXT, SERVED_NAME
+from tests.tiny_model import CONTEXT, SERVED_NAME, build_with
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -116,10 +115,7 @@ def ray_address(request: pytest.FixtureRequest) -> str:
 @pytest.fixture(scope="session")
 def tiny_model(workdir: Path) -> Path:
     """The folder of the tiny random-weight model (``tests.tiny_model``), built once."""
-    model = workdir / "tiny-model"
-    subprocess.run([environment_python("vllm"), "-m", "tests.tiny_model", str(model)],
-                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL, timeout=600)
-    return model
+    return build_with(environment_python("vllm"), workdir / "tiny-model")
 
 
 @pytest.fixture(scope="session")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
 
+ROOT = Path(__file__).resolve().parent.parent
 SERVED_NAME = "tiny-llama"  # the name vLLM serves it under
 # Its context (vLLM's --max-model-len): long enough that an answer running to the end takes
 # seconds, which the time-limit tests need.
@@ -34,9 +36,8 @@ CHAT_TEMPLATE = (
 
 def corpus() -> Iterator[str]:
     """Local text to train the tokenizer on: the repository's docs and Python sources."""
-    root = Path(__file__).resolve().parent.parent
     for pattern in ("*.md", "docs/*.md", "cluster/*.py", "core/*.py", "bridge/*.py"):
-        for path in sorted(root.glob(pattern)):
+        for path in sorted(ROOT.glob(pattern)):
             yield path.read_text(encoding="utf-8")
 
 
@@ -88,6 +89,19 @@ def build(out: Path) -> None:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def build_with(python: str, out: Path) -> Path:
+    """Build the model into ``out`` unless it is there, with ``python`` (an environment with
+    torch, transformers and tokenizers: the vLLM one), from any environment; ``out`` back.
+
+    Parameters:
+      python: the interpreter that runs ``python -m tests.tiny_model``.
+      out: the model folder to write (kept when it already holds a model).
+    """
+    subprocess.run([python, "-m", "tests.tiny_model", str(out)], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL, timeout=600)
+    return out
 
 
 def main() -> None:
