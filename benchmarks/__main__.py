@@ -20,6 +20,7 @@ from benchmarks import (
     listing,
     memory,
     nats_ingress,
+    real_vllm,
     report,
     scaling,
 )
@@ -27,8 +28,8 @@ from benchmarks.harness import Stack
 
 BENCHMARKS = {module.NAME: module for module in
               (grpc_ingress, nats_ingress, end_to_end, inflight, memory, scaling,
-               listing)}
-NEEDS_RAY = {"e2e", "inflight", "memory", "scaling"}
+               listing, real_vllm)}
+NEEDS_RAY = {"e2e", "inflight", "memory", "scaling", "vllm"}
 
 
 def main(argv: list[str] | None = None) -> int:
