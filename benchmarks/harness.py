@@ -375,6 +375,7 @@ class RssSampler:
 GROUPS = (("workers", ("dramatiq", "-m actors")), ("bridge", ("ray-executor bridge",)),
           ("echo-server", ("benchmarks.echo_server",)), ("grpc-client", ("benchmarks.grpc_load",)),
           ("standin", ("harness.standin_llm",)), ("ray-direct", ("benchmarks.ray_direct",)),
+          ("vllm", ("vllm.entrypoints", "VLLM::")), ("vllm-direct", ("benchmarks.vllm_direct",)),
           ("bench-client", ("benchmarks",)), ("valkey", ("valkey-server",)),
           ("nats", ("nats-server",)), ("ray", ("ray", "raylet", "gcs_server")))
 

@@ -1,0 +1,264 @@
+"""8. Real vLLM: a streamed one-agent deliberation against the same chat completion sent
+straight to the same vLLM server (the tiny model of ``tests/tiny_model.py``), at the same
+concurrency.
+
+Direct (``benchmarks/vllm_direct.py``, in the worker environment, which has aiohttp): one
+client posts the very body our vLLM job sends (``cluster.prompts`` of the job the bridge
+makes of the request), streamed; time to first token = send → first SSE chunk with content.
+Ours: the request over gRPC to a bridge and a worker group on the Ray head; time to first
+token = submit → the deliberation's first ``agent.response.progress`` on NATS, answer time =
+submit → its ``agent.response.completed``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import nats
+
+from benchmarks.harness import ROOT, SESSIONS, CpuMeter, Stack, percentile
+from benchmarks.report import row
+from benchmarks.vllm_direct import TIMEOUT, closed_loop
+from bridge.validation import plan
+from cluster.prompts import build_messages, sampling
+from core.settings import Settings
+from harness import servers
+from ray_executor.v1 import ray_executor_pb2 as pb
+from ray_executor.v1 import ray_executor_pb2_grpc as rpc
+from tests.tiny_model import CONTEXT, SERVED_NAME, build_with
+
+NAME = "vllm"
+TITLE = "8. Real vLLM"
+CONCURRENCY = 4  # requests in flight, both sides
+MAX_TOKENS = 64  # every answer runs to it: the tiny model never samples </s> (tests/tiny_model)
+PROCESSES, THREADS = 1, 32  # one worker process: the answers, not the jobs, are the load
+TASK = "Design a rate limiter for the GPU queue"
+
+
+def vllm_python() -> str:
+    """The vLLM environment's interpreter: ``RAY_EXECUTOR_VLLM_PYTHON``, else the repository's
+    ``.venv-vllm`` (``make .venv-vllm`` builds it, about 6 GB)."""
+    python = os.environ.get("RAY_EXECUTOR_VLLM_PYTHON") or str(ROOT / ".venv-vllm/bin/python")
+    if not os.path.exists(python):
+        raise RuntimeError(f"no vLLM environment at {python}: build it with `make .venv-vllm` "
+                           "or name its python in RAY_EXECUTOR_VLLM_PYTHON")
+    return python
+
+
+def request(max_tokens: int = MAX_TOKENS) -> pb.ExecuteDeliberationRequest:
+    return pb.ExecuteDeliberationRequest(
+        task_id=f"vllm-bench-{uuid.uuid4().hex}", task_description=TASK, role="DEV",
+        constraints=pb.TaskConstraints(timeout_seconds=int(TIMEOUT), max_retries=1,
+                                       metadata={"max_tokens": str(max_tokens)}),
+        agents=[pb.Agent(id="agent-0", role="DEV")], vllm_model=SERVED_NAME)
+
+
+def chat_body(settings: Settings) -> dict[str, Any]:
+    """The streamed chat completion our vLLM job sends for ``request()``: the job made by the
+    bridge's own validation, its messages and sampling from ``cluster.prompts``."""
+    job = plan(request(), settings, "direct").jobs[0]
+    return {"model": job.model, "messages": build_messages(job), **sampling(job),
+            "stream": True, "stream_options": {"include_usage": True}}
+
+
+def direct(stack: Stack, url: str, body_file: Path, count: int, warmup: int
+           ) -> dict[str, Any]:
+    measured = stack.worker_script(
+        "benchmarks.vllm_direct", "--url", url, "--body", str(body_file), "--count",
+        str(count), "--concurrency", str(CONCURRENCY), "--warmup", str(warmup))
+    return summary(measured["ttft"], measured["total"], measured["wall"], count) | {
+        "tokens_min": min(measured["tokens"]), "tokens_max": max(measured["tokens"])}
+
+
+# --- ours ---------------------------------------------------------------------------------
+
+
+class Arrivals:
+    """Arrival times on NATS (core subscriptions) of each deliberation's first partial output
+    (``agent.response.progress``) and of its result (``completed|failed``)."""
+
+    def __init__(self) -> None:
+        self.first_progress: dict[str, float] = {}
+        self.pieces: dict[str, int] = {}
+        self.ended: dict[str, float] = {}
+        self.failed: set[str] = set()
+        self._waiting: dict[str, asyncio.Future[None]] = {}
+        self._nc: Any = None
+
+    async def start(self, url: str) -> Arrivals:
+        self._nc = await nats.connect(url)
+        for subject in ("agent.response.progress", "agent.response.completed",
+                        "agent.response.failed"):
+            await self._nc.subscribe(subject, cb=self._on_message, pending_msgs_limit=-1,
+                                     pending_bytes_limit=-1)
+        await self._nc.flush()
+        return self
+
+    async def _on_message(self, msg: Any) -> None:
+        now = time.perf_counter()
+        did = json.loads(msg.data).get("deliberation_id")
+        if not did:
+            return
+        if msg.subject.endswith("progress"):
+            self.first_progress.setdefault(did, now)
+            self.pieces[did] = self.pieces.get(did, 0) + 1
+            return
+        if did in self.ended:
+            return
+        self.ended[did] = now
+        if msg.subject.endswith("failed"):
+            self.failed.add(did)
+        waiter = self._waiting.pop(did, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, did: str, timeout: float) -> None:
+        if did in self.ended:
+            return
+        waiter = self._waiting.setdefault(did, asyncio.get_running_loop().create_future())
+        await asyncio.wait_for(waiter, timeout)
+
+    async def close(self) -> None:
+        if self._nc is not None:
+            await self._nc.close()
+
+
+async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str, Any]:
+    arrivals = await Arrivals().start(nats_url)
+    submitted: dict[str, float] = {}
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = rpc.RayExecutorServiceStub(channel)
+            await channel.channel_ready()
+
+            async def one() -> None:
+                started = time.perf_counter()
+                reply = await stub.ExecuteDeliberation(request(), timeout=30)
+                if reply.status != "submitted":
+                    raise RuntimeError(f"not submitted: {reply.message}")
+                submitted[reply.deliberation_id] = started
+                await arrivals.wait(reply.deliberation_id, TIMEOUT)
+
+            await closed_loop(warmup, CONCURRENCY, one)
+            submitted.clear()
+            wall = await closed_loop(count, CONCURRENCY, one)
+    finally:
+        await arrivals.close()
+    ttft = [arrivals.first_progress[did] - at for did, at in submitted.items()
+            if did in arrivals.first_progress]
+    total = [arrivals.ended[did] - at for did, at in submitted.items()]
+    pieces = [arrivals.pieces.get(did, 0) for did in submitted]
+    return summary(ttft, total, wall, count) | {
+        "failed": len(arrivals.failed & submitted.keys()),
+        "with_progress": len(ttft), "progress_events_p50": percentile(pieces, 50)}
+
+
+def summary(ttft: list[float], total: list[float], wall: float, count: int) -> dict[str, Any]:
+    def ms(values: Iterable[float], q: float) -> float | None:
+        value = percentile(list(values), q)
+        return None if value != value else round(value * 1000, 1)  # NaN: none measured
+
+    return {"count": count, "seconds": round(wall, 2), "per_s": round(count / wall, 3),
+            "ttft_p50_ms": ms(ttft, 50), "ttft_p95_ms": ms(ttft, 95),
+            "answer_p50_ms": ms(total, 50), "answer_p95_ms": ms(total, 95)}
+
+
+# --- the benchmark ------------------------------------------------------------------------
+
+
+def start_vllm(stack: Stack) -> servers.Server:
+    python = vllm_python()
+    model = build_with(python, stack.workdir / "tiny-model")
+    (stack.workdir / "vllm").mkdir(exist_ok=True)
+    server = servers.vllm(stack.workdir / "vllm", python, str(model), SERVED_NAME,
+                          max_model_len=CONTEXT)
+    server.start(timeout=600)
+    if server.process is not None:
+        SESSIONS.add(server.process.pid)  # its CPU is ours in the CPU tables
+    return server
+
+
+def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
+    count = 16 if quick else 40
+    rounds = 1 if quick else 2
+    warmup = 2 * CONCURRENCY
+    vllm = start_vllm(stack)
+    try:
+        version = servers.vllm_version(vllm.url)
+        env = stack.env(VLLM_URL=vllm.url, VLLM_MODEL=SERVED_NAME)
+        body_file = stack.workdir / "vllm-chat-body.json"
+        body_file.write_text(json.dumps(chat_body(Settings.from_env(env))))
+        bridge = stack.bridge(env)
+        workers = stack.workers(env, PROCESSES, THREADS)
+        direct_runs: list[dict[str, Any]] = []
+        our_runs: list[dict[str, Any]] = []
+        cpu: dict[str, Any] = {}
+        try:
+            for index in range(rounds):  # alternated: the machine's other load drifts
+                with CpuMeter() as meter:
+                    direct_runs.append(direct(stack, vllm.url, body_file, count, warmup))
+                cpu[f"direct, round {index + 1}"] = meter.summary()
+                with CpuMeter() as meter:
+                    our_runs.append(asyncio.run(ours(bridge.address, stack.nats.url, count,
+                                                     warmup)))
+                cpu[f"ours, round {index + 1}"] = meter.summary()
+        finally:
+            workers.stop()
+            bridge.proc.stop()
+    finally:
+        vllm.stop(timeout=30)
+    return result(direct_runs, our_runs, cpu, version, count, rounds)
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r[key] is not None]
+    return percentile(values, 50) if values else None
+
+
+def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
+           cpu: dict[str, Any], version: str, count: int, rounds: int) -> dict[str, Any]:
+    name = "direct aiohttp client"
+    d = {key: _median(direct_runs, key) for key in direct_runs[0]}
+    o = {key: _median(our_runs, key) for key in our_runs[0]}
+    added = None if o["ttft_p50_ms"] is None else o["ttft_p50_ms"] - d["ttft_p50_ms"]
+    rows = [
+        row("time to first token p50", "ms", o["ttft_p50_ms"], d["ttft_p50_ms"], name),
+        row("time to first token added p50", "ms", added, None, "", at_most=25,
+            absolute=True),
+        row("time to first token p95", "ms", o["ttft_p95_ms"], d["ttft_p95_ms"], name),
+        row("answer time p50", "ms", o["answer_p50_ms"], d["answer_p50_ms"], name),
+        row("throughput", "answers/s", o["per_s"], d["per_s"], name),
+    ]
+    notes = [f"vLLM {version}, model {SERVED_NAME} (tests/tiny_model.py), every answer "
+             f"{MAX_TOKENS} tokens (direct usage: {direct_runs[0]['tokens_min']} to "
+             f"{direct_runs[0]['tokens_max']})."]
+    for index, (dr, our) in enumerate(zip(direct_runs, our_runs)):
+        notes.append(
+            f"round {index + 1}: direct {dr['per_s']}/s, TTFT p50 {dr['ttft_p50_ms']} ms, "
+            f"answer p50 {dr['answer_p50_ms']} ms; ours {our['per_s']}/s, TTFT p50 "
+            f"{our['ttft_p50_ms']} ms, answer p50 {our['answer_p50_ms']} ms, failed "
+            f"{our['failed']}, {our['with_progress']} of {our['count']} with partial output "
+            f"(p50 {our['progress_events_p50']} progress events each).")
+    return {
+        "what": f"{count} streamed answers of {MAX_TOKENS} tokens, {CONCURRENCY} in flight, "
+                f"{rounds} round(s) alternating the two sides, each after {2 * CONCURRENCY} "
+                "warm-up requests. Ours: one-agent deliberations over gRPC to a bridge and "
+                f"{PROCESSES} worker process, TTFT = submit → first `agent.response.progress` "
+                "on NATS, answer = submit → `agent.response.completed`. Baseline: the same "
+                "chat completion body (the bridge's job through `cluster.prompts`, "
+                "`stream: true`) posted by one aiohttp client in its own process, TTFT = "
+                "send → first SSE chunk with content. Figures are the median over rounds. "
+                "vLLM runs on the same 2 cores as Ray, the bridge and the workers.",
+        "rows": rows,
+        "notes": notes,
+        "details": {"direct": direct_runs, "ours": our_runs, "vllm": version},
+        "cpu": cpu,
+    }
