@@ -187,8 +187,8 @@ def start_vllm(stack: Stack) -> servers.Server:
 
 
 def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
-    count = 16 if quick else 40
-    rounds = 1 if quick else 2
+    count = 8 if quick else 20
+    rounds = 2 if quick else 4
     warmup = 2 * CONCURRENCY
     vllm = start_vllm(stack)
     try:
@@ -202,61 +202,75 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
         our_runs: list[dict[str, Any]] = []
         cpu: dict[str, Any] = {}
         try:
-            for index in range(rounds):  # alternated: the machine's other load drifts
+            # The workers' start (Ray client, the runner actor) and vLLM's first requests
+            # happen here, not within a measured round.
+            asyncio.run(ours(bridge.address, stack.nats.url, CONCURRENCY, warmup))
+            for index in range(rounds):  # alternated and paired: the machine's load drifts
                 with CpuMeter() as meter:
                     direct_runs.append(direct(stack, vllm.url, body_file, count, warmup))
                 cpu[f"direct, round {index + 1}"] = meter.summary()
                 with CpuMeter() as meter:
                     our_runs.append(asyncio.run(ours(bridge.address, stack.nats.url, count,
-                                                     warmup)))
+                                                     CONCURRENCY)))
                 cpu[f"ours, round {index + 1}"] = meter.summary()
         finally:
             workers.stop()
             bridge.proc.stop()
     finally:
         vllm.stop(timeout=30)
-    return result(direct_runs, our_runs, cpu, version, count, rounds)
+    return result(direct_runs, our_runs, cpu, version, count)
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if r[key] is not None]
-    return percentile(values, 50) if values else None
+def _median(values: Iterable[float | None]) -> float | None:
+    """Median of the values measured (``None``: not measured in that round)."""
+    found = [value for value in values if value is not None]
+    return round(percentile(found, 50), 1) if found else None
 
 
 def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
-           cpu: dict[str, Any], version: str, count: int, rounds: int) -> dict[str, Any]:
+           cpu: dict[str, Any], version: str, count: int) -> dict[str, Any]:
+    """Rows: each figure is the median over rounds of that round's figure; added time to
+    first token is the median of each round's difference (ours minus direct of that round)."""
     name = "direct aiohttp client"
-    d = {key: _median(direct_runs, key) for key in direct_runs[0]}
-    o = {key: _median(our_runs, key) for key in our_runs[0]}
-    added = None if o["ttft_p50_ms"] is None else o["ttft_p50_ms"] - d["ttft_p50_ms"]
+    rounds = len(direct_runs)
+
+    def both(key: str) -> tuple[float | None, float | None]:
+        return _median(r[key] for r in our_runs), _median(r[key] for r in direct_runs)
+
+    added = _median(None if o["ttft_p50_ms"] is None else o["ttft_p50_ms"] - d["ttft_p50_ms"]
+                    for o, d in zip(our_runs, direct_runs))
     rows = [
-        row("time to first token p50", "ms", o["ttft_p50_ms"], d["ttft_p50_ms"], name),
+        row("time to first token p50", "ms", *both("ttft_p50_ms"), name),
         row("time to first token added p50", "ms", added, None, "", at_most=25,
             absolute=True),
-        row("time to first token p95", "ms", o["ttft_p95_ms"], d["ttft_p95_ms"], name),
-        row("answer time p50", "ms", o["answer_p50_ms"], d["answer_p50_ms"], name),
-        row("throughput", "answers/s", o["per_s"], d["per_s"], name),
+        row("time to first token p95", "ms", *both("ttft_p95_ms"), name),
+        row("answer time p50", "ms", *both("answer_p50_ms"), name),
+        row("throughput", "answers/s", *both("per_s"), name),
     ]
-    notes = [f"vLLM {version}, model {SERVED_NAME} (tests/tiny_model.py), every answer "
-             f"{MAX_TOKENS} tokens (direct usage: {direct_runs[0]['tokens_min']} to "
-             f"{direct_runs[0]['tokens_max']})."]
+    tokens = {r["tokens_min"] for r in direct_runs} | {r["tokens_max"] for r in direct_runs}
+    notes = [f"vLLM {version}, model {SERVED_NAME} (tests/tiny_model.py); completion tokens "
+             f"per direct answer (vLLM's usage): {min(tokens)} to {max(tokens)}."]
     for index, (dr, our) in enumerate(zip(direct_runs, our_runs)):
         notes.append(
-            f"round {index + 1}: direct {dr['per_s']}/s, TTFT p50 {dr['ttft_p50_ms']} ms, "
-            f"answer p50 {dr['answer_p50_ms']} ms; ours {our['per_s']}/s, TTFT p50 "
-            f"{our['ttft_p50_ms']} ms, answer p50 {our['answer_p50_ms']} ms, failed "
-            f"{our['failed']}, {our['with_progress']} of {our['count']} with partial output "
-            f"(p50 {our['progress_events_p50']} progress events each).")
+            f"round {index + 1}: direct {dr['per_s']}/s, TTFT p50 {dr['ttft_p50_ms']} / p95 "
+            f"{dr['ttft_p95_ms']} ms, answer p50 {dr['answer_p50_ms']} ms; ours "
+            f"{our['per_s']}/s, TTFT p50 {our['ttft_p50_ms']} / p95 {our['ttft_p95_ms']} ms, "
+            f"answer p50 {our['answer_p50_ms']} ms; failed {our['failed']}, "
+            f"{our['with_progress']} of {our['count']} with partial output (p50 "
+            f"{our['progress_events_p50']} progress events each).")
     return {
-        "what": f"{count} streamed answers of {MAX_TOKENS} tokens, {CONCURRENCY} in flight, "
-                f"{rounds} round(s) alternating the two sides, each after {2 * CONCURRENCY} "
-                "warm-up requests. Ours: one-agent deliberations over gRPC to a bridge and "
+        "what": f"{rounds} rounds of {count} streamed answers of at most {MAX_TOKENS} tokens "
+                f"per side, {CONCURRENCY} in flight, the sides alternating; before them "
+                "a warm-up (the worker's runner, vLLM's first requests), and "
+                f"{CONCURRENCY} to {2 * CONCURRENCY} warm-up requests per side and round. "
+                "Ours: one-agent deliberations over gRPC to a bridge and "
                 f"{PROCESSES} worker process, TTFT = submit → first `agent.response.progress` "
                 "on NATS, answer = submit → `agent.response.completed`. Baseline: the same "
                 "chat completion body (the bridge's job through `cluster.prompts`, "
                 "`stream: true`) posted by one aiohttp client in its own process, TTFT = "
-                "send → first SSE chunk with content. Figures are the median over rounds. "
-                "vLLM runs on the same 2 cores as Ray, the bridge and the workers.",
+                "send → first SSE chunk with content. Each figure is the median over rounds; "
+                "the added TTFT is the median of the rounds' differences. vLLM runs on the "
+                "same 2 cores as Ray, the bridge and the workers (analysis.md).",
         "rows": rows,
         "notes": notes,
         "details": {"direct": direct_runs, "ours": our_runs, "vllm": version},
