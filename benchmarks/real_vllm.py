@@ -6,8 +6,9 @@ Direct (``benchmarks/vllm_direct.py``, in the worker environment, which has aioh
 client posts the very body our vLLM job sends (``cluster.prompts`` of the job the bridge
 makes of the request), streamed; time to first token = send → first SSE chunk with content.
 Ours: the request over gRPC to a bridge and a worker group on the Ray head; time to first
-token = submit → the deliberation's first ``agent.response.progress`` on NATS, answer time =
-submit → its ``agent.response.completed``.
+token = submit → the deliberation's first ``agent.response.progress`` on NATS (or its result,
+when the answer came whole in the runner's first batch and so without partial output),
+answer time = submit → its ``agent.response.completed``.
 """
 
 from __future__ import annotations
@@ -152,13 +153,17 @@ async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str
             wall = await closed_loop(count, CONCURRENCY, one)
     finally:
         await arrivals.close()
-    ttft = [arrivals.first_progress[did] - at for did, at in submitted.items()
-            if did in arrivals.first_progress]
+    # The first text a reader sees: the first partial output, or the result itself when the
+    # answer came whole within the runner's first batch (no partial output is sent then).
+    seen = {did: min(arrivals.first_progress.get(did, ended), ended)
+            for did, ended in arrivals.ended.items()}
+    ttft = [seen[did] - at for did, at in submitted.items()]
     total = [arrivals.ended[did] - at for did, at in submitted.items()]
     pieces = [arrivals.pieces.get(did, 0) for did in submitted]
     return summary(ttft, total, wall, count) | {
         "failed": len(arrivals.failed & submitted.keys()),
-        "with_progress": len(ttft), "progress_events_p50": percentile(pieces, 50)}
+        "with_progress": sum(1 for did in submitted if did in arrivals.first_progress),
+        "progress_events_p50": percentile(pieces, 50)}
 
 
 def summary(ttft: list[float], total: list[float], wall: float, count: int) -> dict[str, Any]:
@@ -265,7 +270,9 @@ def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
                 f"{CONCURRENCY} to {2 * CONCURRENCY} warm-up requests per side and round. "
                 "Ours: one-agent deliberations over gRPC to a bridge and "
                 f"{PROCESSES} worker process, TTFT = submit → first `agent.response.progress` "
-                "on NATS, answer = submit → `agent.response.completed`. Baseline: the same "
+                "on NATS (or the result, for an answer that came whole within the runner's "
+                "first batch: it sends no partial output), answer = submit → "
+                "`agent.response.completed`. Baseline: the same "
                 "chat completion body (the bridge's job through `cluster.prompts`, "
                 "`stream: true`) posted by one aiohttp client in its own process, TTFT = "
                 "send → first SSE chunk with content. Each figure is the median over rounds; "
