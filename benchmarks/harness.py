@@ -155,11 +155,13 @@ class Stack:
         return Bridge(proc, f"127.0.0.1:{port}", env)
 
     def workers(self, env: dict[str, str], processes: int, threads: int,
-                concurrency: int | None = None) -> Proc:
+                concurrency: int | None = None, metrics_port: int = 0) -> Proc:
+        """A worker group (``python -m actors``); ``metrics_port``: where it serves its
+        Prometheus metrics (a free port when 0)."""
         env = dict(env, RAY_ADDRESS=self.ray_address,
                    RAY_EXECUTOR_WORKER_PROCESSES=str(processes),
                    RAY_EXECUTOR_WORKER_THREADS=str(threads),
-                   RAY_EXECUTOR_WORKER_METRICS_PORT=str(servers.free_port()))
+                   RAY_EXECUTOR_WORKER_METRICS_PORT=str(metrics_port or servers.free_port()))
         if concurrency is not None:
             env["RAY_EXECUTOR_VLLM_CONCURRENCY"] = str(concurrency)
         return self.start("workers", [worker_python(), "-m", "actors"], env)

@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -173,7 +174,28 @@ def summary(ttft: list[float], total: list[float], wall: float, count: int) -> d
 
     return {"count": count, "seconds": round(wall, 2), "per_s": round(count / wall, 3),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p95_ms": ms(ttft, 95),
+            "ttft_mean_ms": round(sum(ttft) / len(ttft) * 1000, 1) if ttft else None,
             "answer_p50_ms": ms(total, 50), "answer_p95_ms": ms(total, 95)}
+
+
+def vllm_ttft_seen(port: int) -> tuple[float, float]:
+    """(sum of seconds, count) of ``ray_executor_vllm_ttft_seconds`` so far, every label: the
+    time to first token our Ray jobs measured on their vLLM calls (0, 0 when not reported)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    found = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        for suffix in found:
+            if name == "ray_executor_vllm_ttft_seconds" + suffix:
+                found[suffix] += float(line.rsplit(" ", 1)[-1])
+    return found["_sum"], found["_count"]
+
+
+def mean_between(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """Mean in ms of the observations between two ``vllm_ttft_seen`` readings."""
+    count = after[1] - before[1]
+    return round((after[0] - before[0]) / count * 1000, 1) if count else None
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -202,7 +224,8 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
         body_file = stack.workdir / "vllm-chat-body.json"
         body_file.write_text(json.dumps(chat_body(Settings.from_env(env))))
         bridge = stack.bridge(env)
-        workers = stack.workers(env, PROCESSES, THREADS)
+        metrics_port = servers.free_port()
+        workers = stack.workers(env, PROCESSES, THREADS, metrics_port=metrics_port)
         direct_runs: list[dict[str, Any]] = []
         our_runs: list[dict[str, Any]] = []
         cpu: dict[str, Any] = {}
@@ -214,10 +237,13 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
                 with CpuMeter() as meter:
                     direct_runs.append(direct(stack, vllm.url, body_file, count, warmup))
                 cpu[f"direct, round {index + 1}"] = meter.summary()
+                before = vllm_ttft_seen(metrics_port)
                 with CpuMeter() as meter:
                     our_runs.append(asyncio.run(ours(bridge.address, stack.nats.url, count,
                                                      CONCURRENCY)))
                 cpu[f"ours, round {index + 1}"] = meter.summary()
+                our_runs[-1]["vllm_ttft_mean_ms"] = mean_between(
+                    before, vllm_ttft_seen(metrics_port))
         finally:
             workers.stop()
             bridge.proc.stop()
@@ -258,9 +284,11 @@ def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
     for index, (dr, our) in enumerate(zip(direct_runs, our_runs)):
         notes.append(
             f"round {index + 1}: direct {dr['per_s']}/s, TTFT p50 {dr['ttft_p50_ms']} / p95 "
-            f"{dr['ttft_p95_ms']} ms, answer p50 {dr['answer_p50_ms']} ms; ours "
-            f"{our['per_s']}/s, TTFT p50 {our['ttft_p50_ms']} / p95 {our['ttft_p95_ms']} ms, "
-            f"answer p50 {our['answer_p50_ms']} ms; failed {our['failed']}, "
+            f"{dr['ttft_p95_ms']} / mean {dr['ttft_mean_ms']} ms, answer p50 "
+            f"{dr['answer_p50_ms']} ms; ours {our['per_s']}/s, TTFT p50 {our['ttft_p50_ms']} / "
+            f"p95 {our['ttft_p95_ms']} / mean {our['ttft_mean_ms']} ms, "
+            f"answer p50 {our['answer_p50_ms']} ms, vLLM's TTFT as our Ray job measured it "
+            f"(mean) {our['vllm_ttft_mean_ms']} ms; failed {our['failed']}, "
             f"{our['with_progress']} of {our['count']} with partial output (p50 "
             f"{our['progress_events_p50']} progress events each).")
     return {
