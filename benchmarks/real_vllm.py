@@ -167,6 +167,10 @@ async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str
         "progress_events_p50": percentile(pieces, 50)}
 
 
+def mean_ms(values: list[float]) -> float | None:
+    return round(sum(values) / len(values) * 1000, 1) if values else None
+
+
 def summary(ttft: list[float], total: list[float], wall: float, count: int) -> dict[str, Any]:
     def ms(values: Iterable[float], q: float) -> float | None:
         value = percentile(list(values), q)
@@ -174,28 +178,38 @@ def summary(ttft: list[float], total: list[float], wall: float, count: int) -> d
 
     return {"count": count, "seconds": round(wall, 2), "per_s": round(count / wall, 3),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p95_ms": ms(ttft, 95),
-            "ttft_mean_ms": round(sum(ttft) / len(ttft) * 1000, 1) if ttft else None,
+            "ttft_mean_ms": mean_ms(ttft), "answer_mean_ms": mean_ms(total),
             "answer_p50_ms": ms(total, 50), "answer_p95_ms": ms(total, 95)}
 
 
-def vllm_ttft_seen(port: int) -> tuple[float, float]:
-    """(sum of seconds, count) of ``ray_executor_vllm_ttft_seconds`` so far, every label: the
-    time to first token our Ray jobs measured on their vLLM calls (0, 0 when not reported)."""
+SEEN_ON_RAY = {"ttft": "ray_executor_vllm_time_to_first_token_seconds",
+               "call": "ray_executor_vllm_seconds"}  # the worker's histograms of vLLM calls
+
+
+def seen_on_ray(port: int) -> dict[str, tuple[float, float]]:
+    """(sum of seconds, count) so far of each ``SEEN_ON_RAY`` histogram, every label: vLLM's
+    time to first token and whole call as our Ray jobs measured them; (0, 0) when none."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
         text = answer.read().decode()
-    found = {"_sum": 0.0, "_count": 0.0}
+    found = {key: [0.0, 0.0] for key in SEEN_ON_RAY}
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        for suffix in found:
-            if name == "ray_executor_vllm_ttft_seconds" + suffix:
-                found[suffix] += float(line.rsplit(" ", 1)[-1])
-    return found["_sum"], found["_count"]
+        for key, metric in SEEN_ON_RAY.items():
+            for index, suffix in enumerate(("_sum", "_count")):
+                if name == metric + suffix:
+                    found[key][index] += float(line.rsplit(" ", 1)[-1])
+    return {key: (total, count) for key, (total, count) in found.items()}
 
 
-def mean_between(before: tuple[float, float], after: tuple[float, float]) -> float | None:
-    """Mean in ms of the observations between two ``vllm_ttft_seen`` readings."""
-    count = after[1] - before[1]
-    return round((after[0] - before[0]) / count * 1000, 1) if count else None
+def means_between(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+                  ) -> dict[str, float | None]:
+    """Mean in ms of each histogram's observations between two ``seen_on_ray`` readings."""
+    means: dict[str, float | None] = {}
+    for key in SEEN_ON_RAY:
+        count = after[key][1] - before[key][1]
+        means[f"ray_{key}_mean_ms"] = round((after[key][0] - before[key][0]) / count * 1000,
+                                            1) if count else None
+    return means
 
 
 # --- the benchmark ------------------------------------------------------------------------
@@ -237,13 +251,12 @@ def run(stack: Stack, quick: bool, **_: Any) -> dict[str, Any]:
                 with CpuMeter() as meter:
                     direct_runs.append(direct(stack, vllm.url, body_file, count, warmup))
                 cpu[f"direct, round {index + 1}"] = meter.summary()
-                before = vllm_ttft_seen(metrics_port)
+                before = seen_on_ray(metrics_port)
                 with CpuMeter() as meter:
                     our_runs.append(asyncio.run(ours(bridge.address, stack.nats.url, count,
                                                      CONCURRENCY)))
                 cpu[f"ours, round {index + 1}"] = meter.summary()
-                our_runs[-1]["vllm_ttft_mean_ms"] = mean_between(
-                    before, vllm_ttft_seen(metrics_port))
+                our_runs[-1].update(means_between(before, seen_on_ray(metrics_port)))
         finally:
             workers.stop()
             bridge.proc.stop()
@@ -256,6 +269,12 @@ def _median(values: Iterable[float | None]) -> float | None:
     """Median of the values measured (``None``: not measured in that round)."""
     found = [value for value in values if value is not None]
     return round(percentile(found, 50), 1) if found else None
+
+
+def _times(side: dict[str, Any]) -> str:
+    return (f"TTFT p50 {side['ttft_p50_ms']} / p95 {side['ttft_p95_ms']} / mean "
+            f"{side['ttft_mean_ms']} ms, answer p50 {side['answer_p50_ms']} / mean "
+            f"{side['answer_mean_ms']} ms")
 
 
 def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
@@ -283,14 +302,11 @@ def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
              f"per direct answer (vLLM's usage): {min(tokens)} to {max(tokens)}."]
     for index, (dr, our) in enumerate(zip(direct_runs, our_runs)):
         notes.append(
-            f"round {index + 1}: direct {dr['per_s']}/s, TTFT p50 {dr['ttft_p50_ms']} / p95 "
-            f"{dr['ttft_p95_ms']} / mean {dr['ttft_mean_ms']} ms, answer p50 "
-            f"{dr['answer_p50_ms']} ms; ours {our['per_s']}/s, TTFT p50 {our['ttft_p50_ms']} / "
-            f"p95 {our['ttft_p95_ms']} / mean {our['ttft_mean_ms']} ms, "
-            f"answer p50 {our['answer_p50_ms']} ms, vLLM's TTFT as our Ray job measured it "
-            f"(mean) {our['vllm_ttft_mean_ms']} ms; failed {our['failed']}, "
-            f"{our['with_progress']} of {our['count']} with partial output (p50 "
-            f"{our['progress_events_p50']} progress events each).")
+            f"round {index + 1}: direct {dr['per_s']}/s, {_times(dr)}; ours {our['per_s']}/s, "
+            f"{_times(our)}, vLLM as our Ray jobs measured it: TTFT mean "
+            f"{our['ray_ttft_mean_ms']} ms, call mean {our['ray_call_mean_ms']} ms; failed "
+            f"{our['failed']}, {our['with_progress']} of {our['count']} with partial output "
+            f"(p50 {our['progress_events_p50']} progress events each).")
     return {
         "what": f"{rounds} rounds of {count} streamed answers of at most {MAX_TOKENS} tokens "
                 f"per side, {CONCURRENCY} in flight, the sides alternating; before them "
