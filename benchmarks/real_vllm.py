@@ -55,11 +55,12 @@ def vllm_python() -> str:
     return python
 
 
-def request(max_tokens: int = MAX_TOKENS) -> pb.ExecuteDeliberationRequest:
+def request() -> pb.ExecuteDeliberationRequest:
+    """One agent (DEV) on the tiny model, answers cut at ``MAX_TOKENS`` (metadata)."""
     return pb.ExecuteDeliberationRequest(
         task_id=f"vllm-bench-{uuid.uuid4().hex}", task_description=TASK, role="DEV",
         constraints=pb.TaskConstraints(timeout_seconds=int(TIMEOUT), max_retries=1,
-                                       metadata={"max_tokens": str(max_tokens)}),
+                                       metadata={"max_tokens": str(MAX_TOKENS)}),
         agents=[pb.Agent(id="agent-0", role="DEV")], vllm_model=SERVED_NAME)
 
 
@@ -73,6 +74,14 @@ def chat_body(settings: Settings) -> dict[str, Any]:
 
 def direct(stack: Stack, url: str, body_file: Path, count: int, warmup: int
            ) -> dict[str, Any]:
+    """One direct round (``benchmarks.vllm_direct`` in the worker environment).
+
+    Parameters:
+      stack: the run's servers and processes.
+      url: vLLM's base URL.
+      body_file: the chat completion to post (JSON).
+      count: measured requests; warmup: requests before them, not measured.
+    """
     measured = stack.worker_script(
         "benchmarks.vllm_direct", "--url", url, "--body", str(body_file), "--count",
         str(count), "--concurrency", str(CONCURRENCY), "--warmup", str(warmup))
@@ -134,6 +143,13 @@ class Arrivals:
 
 
 async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str, Any]:
+    """One round through us: ``request()`` over gRPC, ``CONCURRENCY`` deliberations in flight.
+
+    Parameters:
+      address: the bridge's gRPC ``host:port``.
+      nats_url: where the events are published.
+      count: measured deliberations; warmup: deliberations before them, not measured.
+    """
     arrivals = await Arrivals().start(nats_url)
     submitted: dict[str, float] = {}
     try:
@@ -172,6 +188,8 @@ def mean_ms(values: list[float]) -> float | None:
 
 
 def summary(ttft: list[float], total: list[float], wall: float, count: int) -> dict[str, Any]:
+    """Percentiles and means (ms) of times to first token and answer times (seconds), and the
+    rate of ``count`` answers in ``wall`` seconds."""
     def ms(values: Iterable[float], q: float) -> float | None:
         value = percentile(list(values), q)
         return None if value != value else round(value * 1000, 1)  # NaN: none measured
