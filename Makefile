@@ -146,7 +146,8 @@ test-fast: lint
 	$(MAKE) test-worker test-bridge PYTEST_ARGS='-m "not slow" $(PYTEST_ARGS)'
 
 bench: envs
-	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python $(BRIDGE)/python -m benchmarks
+	RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python RAY_EXECUTOR_VLLM_PYTHON=$(CURDIR)/$(VLLM)/python \
+		$(BRIDGE)/python -m benchmarks
 
 clean:
 	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-mismatch .venv-tools .venv-vllm build dist
