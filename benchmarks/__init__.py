@@ -2,7 +2,7 @@
 
 ``make bench`` (``python -m benchmarks`` in the bridge environment) starts valkey, NATS with
 JetStream and a Ray head on loopback, runs every benchmark and writes ``results.json`` and
-``results.md`` here. Parts that need Ray run in the worker environment (Python 3.9 + Ray) as
+``results.md`` here. Parts that need Ray or aiohttp run in the worker environment (Python 3.9) as
 subprocesses (``benchmarks/ray_direct.py``, ``benchmarks/vllm_direct.py`` and the real
 worker, ``python -m actors``); the real-vLLM benchmark serves a tiny model with vLLM's own
 environment (``RAY_EXECUTOR_VLLM_PYTHON``, default ``.venv-vllm``).
