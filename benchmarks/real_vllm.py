@@ -14,6 +14,7 @@ answer time = submit → its ``agent.response.completed``.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import time
@@ -89,6 +90,10 @@ def direct(stack: Stack, url: str, body_file: Path, count: int, warmup: int
         "tokens_min": min(measured["tokens"]), "tokens_max": max(measured["tokens"])}
 
 
+def _epoch_ms(iso: str) -> float:
+    return datetime.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000
+
+
 # --- ours ---------------------------------------------------------------------------------
 
 
@@ -101,6 +106,8 @@ class Arrivals:
         self.pieces: dict[str, int] = {}
         self.ended: dict[str, float] = {}
         self.failed: set[str] = set()
+        # Wall-clock ms: the worker's stamps in the events, and when they arrived here.
+        self.stamps: dict[str, dict[str, float]] = {}
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._nc: Any = None
 
@@ -114,17 +121,23 @@ class Arrivals:
         return self
 
     async def _on_message(self, msg: Any) -> None:
-        now = time.perf_counter()
-        did = json.loads(msg.data).get("deliberation_id")
+        now, wall_ms = time.perf_counter(), time.time() * 1000
+        body = json.loads(msg.data)
+        did = body.get("deliberation_id")
         if not did:
             return
+        stamps = self.stamps.setdefault(did, {})
         if msg.subject.endswith("progress"):
-            self.first_progress.setdefault(did, now)
+            if did not in self.first_progress:
+                self.first_progress[did] = now
+                stamps.update(piece_ms=_epoch_ms(body["timestamp"]), piece_seen_ms=wall_ms)
             self.pieces[did] = self.pieces.get(did, 0) + 1
             return
         if did in self.ended:
             return
         self.ended[did] = now
+        # the attempt's start on the worker: its end (the event's timestamp) less its duration
+        stamps["start_ms"] = _epoch_ms(body["timestamp"]) - body.get("duration_ms", 0)
         if msg.subject.endswith("failed"):
             self.failed.add(did)
         waiter = self._waiting.pop(did, None)
@@ -152,17 +165,19 @@ async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str
     """
     arrivals = await Arrivals().start(nats_url)
     submitted: dict[str, float] = {}
+    submitted_ms: dict[str, float] = {}
     try:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = rpc.RayExecutorServiceStub(channel)
             await channel.channel_ready()
 
             async def one() -> None:
-                started = time.perf_counter()
+                started, wall_ms = time.perf_counter(), time.time() * 1000
                 reply = await stub.ExecuteDeliberation(request(), timeout=30)
                 if reply.status != "submitted":
                     raise RuntimeError(f"not submitted: {reply.message}")
                 submitted[reply.deliberation_id] = started
+                submitted_ms[reply.deliberation_id] = wall_ms
                 await arrivals.wait(reply.deliberation_id, TIMEOUT)
 
             await closed_loop(warmup, CONCURRENCY, one)
@@ -177,10 +192,27 @@ async def ours(address: str, nats_url: str, count: int, warmup: int) -> dict[str
     ttft = [seen[did] - at for did, at in submitted.items()]
     total = [arrivals.ended[did] - at for did, at in submitted.items()]
     pieces = [arrivals.pieces.get(did, 0) for did in submitted]
-    return summary(ttft, total, wall, count) | {
+    return summary(ttft, total, wall, count) | legs(arrivals.stamps, submitted_ms) | {
         "failed": len(arrivals.failed & submitted.keys()),
         "with_progress": sum(1 for did in submitted if did in arrivals.first_progress),
         "progress_events_p50": percentile(pieces, 50)}
+
+
+def legs(stamps: dict[str, dict[str, float]], submitted_ms: dict[str, float]
+         ) -> dict[str, float | None]:
+    """Medians (ms, wall clock) of the legs of the time to first token: submit → the
+    attempt's start on the worker (gRPC, valkey, Dramatiq, the worker's pick-up), → the first
+    piece on the worker (Ray, vLLM's TTFT, the runner's collect), → its event here (NATS)."""
+    found: dict[str, list[float]] = {"pickup": [], "to_first_piece": [], "piece_to_here": []}
+    for did, at in submitted_ms.items():
+        mark = stamps.get(did, {})
+        if "start_ms" in mark:
+            found["pickup"].append(mark["start_ms"] - at)
+            if "piece_ms" in mark:
+                found["to_first_piece"].append(mark["piece_ms"] - mark["start_ms"])
+                found["piece_to_here"].append(mark["piece_seen_ms"] - mark["piece_ms"])
+    return {f"{name}_p50_ms": round(percentile(values, 50), 1) if values else None
+            for name, values in found.items()}
 
 
 def mean_ms(values: list[float]) -> float | None:
@@ -328,7 +360,11 @@ def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
         notes.append(
             f"round {index + 1}: direct {dr['per_s']}/s, {_times(dr)}; ours {our['per_s']}/s, "
             f"{_times(our)}, vLLM as our Ray jobs measured it: TTFT mean "
-            f"{our['ray_ttft_mean_ms']} ms, call mean {our['ray_call_mean_ms']} ms; failed "
+            f"{our['ray_ttft_mean_ms']} ms, call mean {our['ray_call_mean_ms']} ms (the round's "
+            f"warm-up included); legs of "
+            f"our TTFT, p50: submit → worker's start {our['pickup_p50_ms']} ms, → first piece "
+            f"on the worker {our['to_first_piece_p50_ms']} ms, → its event here "
+            f"{our['piece_to_here_p50_ms']} ms; failed "
             f"{our['failed']}, {our['with_progress']} of {our['count']} with partial output "
             f"(p50 {our['progress_events_p50']} progress events each).")
     return {
