@@ -379,7 +379,10 @@ def result(direct_runs: list[dict[str, Any]], our_runs: list[dict[str, Any]],
                 "`agent.response.completed`. Baseline: the same "
                 "chat completion body (the bridge's job through `cluster.prompts`, "
                 "`stream: true`) posted by one aiohttp client in its own process, TTFT = "
-                "send → first SSE chunk with content. Each figure is the median over rounds; "
+                "send → first SSE chunk with content. The notes give, per round, vLLM's TTFT "
+                "and call time as our Ray jobs measured them (the worker's histograms) and "
+                "the legs of our TTFT from the events' own time stamps. Each figure is the "
+                "median over rounds; "
                 "the added TTFT is the median of the rounds' differences. vLLM runs on the "
                 "same 2 cores as Ray, the bridge and the workers (analysis.md).",
         "rows": rows,
