@@ -145,7 +145,7 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
             await _publish(runtime, job)
         return
     assert runtime.outbox is not None
-    progress = ProgressPublisher(store, runtime.outbox, job, attempt) \
+    progress = ProgressPublisher(store, runtime.outbox, traced, attempt) \
         if runtime.settings.progress_interval_ms > 0 else None
     started = time.monotonic()
     try:

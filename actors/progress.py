@@ -51,6 +51,9 @@ class ProgressPublisher:
                        "metadata": dict(job.metadata),
                        **{key: job.metadata[key] for key in ("traceparent", "tracestate")
                           if job.metadata.get(key)}}
+        self.log = {"deliberation_id": job.deliberation_id, "task_id": job.task_id,
+                    "agent_id": job.agent_id,
+                    **{k: v for k, v in self.record.items() if k == "traceparent"}}
 
     def __call__(self, text: str) -> None:
         if not text:
@@ -66,7 +69,7 @@ class ProgressPublisher:
                 await asyncio.wait_for(asyncio.shield(self.sending), CLOSE_TIMEOUT)
             except asyncio.TimeoutError:
                 logger.warning("partial output of %s not published within %.0fs",
-                               self.job.agent_id, CLOSE_TIMEOUT)
+                               self.job.agent_id, CLOSE_TIMEOUT, extra=self.log)
 
     async def _send_pending(self) -> None:
         while self.pending:
@@ -79,7 +82,7 @@ class ProgressPublisher:
                 await self._send(payload)
             except Exception as exc:  # best effort: the final result carries the answer
                 logger.warning("partial output %d of %s not published: %s",
-                               payload["sequence"], self.job.agent_id, exc)
+                               payload["sequence"], self.job.agent_id, exc, extra=self.log)
 
     def payload(self, text: str) -> Dict[str, Any]:
         job = self.job
@@ -104,4 +107,4 @@ class ProgressPublisher:
         sent, _ = await asyncio.gather(published, watched)
         if not sent:
             logger.debug("partial output %d of %s: NATS did not take it", payload["sequence"],
-                         job.agent_id)
+                         job.agent_id, extra=self.log)

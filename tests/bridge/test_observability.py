@@ -76,6 +76,9 @@ def test_traceparent_and_json_logs_follow_a_deliberation(
                           RAY_EXECUTOR_LOG_FORMAT="json", RAY_EXECUTOR_LOG_LEVEL="DEBUG")
     worker = start_worker(bridge, RAY_EXECUTOR_LOG_FORMAT="json")
     tp = traceparent()
+    # Answers streamed over a second or more: partial output is published, and its lines too
+    # must carry the ids.
+    standin.control(piece_delay=0.05)
 
     deliberation_id = asyncio.run(run_deliberation(bridge.address, tp))
     events = recorder.final(deliberation_id, 4, Settings.from_env(bridge.env))
@@ -120,6 +123,7 @@ def test_traceparent_and_json_logs_follow_a_deliberation(
             if line["logger"] == "ray_executor.jobs" and "agent completed" in line["message"]]
     assert sorted(line["agent_id"] for line in done) == sorted(dict(AGENTS)), worker_lines
     assert len({line["message_id"] for line in done}) == len(AGENTS)
+    assert any(":progress:" in line["message"] for line in worker_lines), worker_lines
 
 
 @pytest.fixture
