@@ -70,6 +70,8 @@ class AgentJob:
     plan_id: str = ""
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
     kind: str = VLLM_AGENT
+    # The route the ingress picked (core.routes); empty in messages older than routes.
+    route: str = ""
 
     def to_kwargs(self) -> Dict[str, Any]:
         # Not dataclasses.asdict: its deep copy was a visible share of each request's CPU.

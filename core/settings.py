@@ -98,6 +98,16 @@ class Settings:
 
     # --- Dramatiq / Redis ---
     queue: str = _setting(PREFIX + "QUEUE", "agent_jobs", "Dramatiq queue of agent jobs.")
+    routes_file: str = _setting(
+        PREFIX + "ROUTES_FILE", "",
+        "JSON file of the routes (docs/deploy.md): which requests go to which queue, Ray "
+        "cluster and vLLM endpoints; empty: one route of RAY_EXECUTOR_QUEUE, RAY_ADDRESS and "
+        "VLLM_URL.",
+    )
+    route: str = _setting(
+        PREFIX + "ROUTE", "",
+        "The route a worker serves (`ray-executor worker --route`); empty: the default route.",
+    )
     key_prefix: str = _setting(
         PREFIX + "KEY_PREFIX", "rx", "Prefix of the Redis keys holding deliberation state."
     )
