@@ -102,15 +102,17 @@ class WorkerBroker(RedisBroker):
 def make_broker(settings: Settings) -> RedisBroker:
     dramatiq.set_encoder(JSONEncoder())
     runtime = WorkerRuntime(settings)
+    limiter = ConcurrencyLimiter(settings, runtime)
     middleware = [
         AgeLimit(), TimeLimit(), ShutdownNotifications(), Callbacks(), Pipelines(),
         # Delays come from actors.backoff through dramatiq.Retry; these are Retries' defaults
         # for anything else.
         Retries(max_retries=settings.max_retries, min_backoff=int(settings.backoff_min * 1000),
                 max_backoff=int(settings.backoff_max * 1000)),
-        CurrentMessage(), runtime,
-        # Order matters: an open circuit sends a job back before it takes a slot.
-        CircuitBreaker(settings, runtime), ConcurrencyLimiter(settings, runtime),
+        CurrentMessage(), runtime, limiter,
+        # After the limiter, which chooses the job's endpoint: Dramatiq runs after_* hooks in
+        # reverse order, so the breaker records the outcome while the choice is still known.
+        CircuitBreaker(settings, runtime, limiter.chosen),
         # Last, since Dramatiq runs after_* hooks in reverse order: its after_process_boot must
         # set up the multiprocess directory before any other hook creates a metric.
         Prometheus(),

@@ -76,9 +76,13 @@ def declare_actors(broker: dramatiq.Broker) -> None:
 
 def execute(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
             limiter: Optional[ConcurrencyLimiter] = None) -> None:
-    """One attempt of one job (the body of every job kind's actor); ``limiter``'s slot is
-    freed as soon as the Ray call ends."""
+    """One attempt of one job (the body of every job kind's actor) on the vLLM endpoint
+    ``limiter`` chose for it (``actors.limits``), whose slot is freed as soon as the Ray call
+    ends."""
     message = CurrentMessage.get_current_message()
+    choice = limiter.chosen(message.message_id) if limiter and message else None
+    if choice is not None and choice.url != job.vllm_url:  # another endpoint of its pool
+        job = dataclasses.replace(job, vllm_url=choice.url)
     retry = int(message.options.get("retries", 0)) if message else 0
     received = tracing.carrier(message.options) if message else {}
     ray_waits = int(message.options.get("ray_waits", 0)) if message else 0
@@ -173,7 +177,8 @@ async def _attempt_on_loop(runtime: WorkerRuntime, kind: JobKind, job: AgentJob,
 
 def _observe_vllm(measured: Any, job: AgentJob, result: Dict[str, Any]) -> None:
     """The vLLM call's latency, time to first token and tokens per second (the last two by
-    the endpoint as configured, credentials masked, and the model that answered)."""
+    the endpoint the job took, as configured, credentials masked, and the model that
+    answered)."""
     if result.get("latency_ms"):
         measured.vllm_seconds.observe(result["latency_ms"] / 1000)
     labels = (redact(job.vllm_url), str(result.get("model") or job.model))

@@ -48,10 +48,12 @@ def get() -> SimpleNamespace:
                     "ray_executor_limiter_waits", "Jobs sent back for want of a slot or rate.",
                     ["reason"]),
                 slots_in_use=prom.Gauge(
-                    "ray_executor_limiter_slots_held", "Rate-limiter slots held by this pod.",
+                    "ray_executor_limiter_slots_held",
+                    "Concurrency slots this pod holds, by vLLM endpoint.", ["endpoint"],
                     multiprocess_mode="livesum"),
                 circuit_open=prom.Counter(
-                    "ray_executor_circuit_opened", "Times an endpoint's circuit opened."),
+                    "ray_executor_circuit_opened", "Times an endpoint's circuit opened.",
+                    ["endpoint"]),
                 circuit_waits=prom.Counter(
                     "ray_executor_circuit_waits", "Jobs sent back because a circuit was open."),
                 ray_connected=prom.Gauge(

@@ -20,6 +20,7 @@ from benchmarks import (
     listing,
     memory,
     nats_ingress,
+    pools,
     real_vllm,
     report,
     scaling,
@@ -28,8 +29,8 @@ from benchmarks.harness import Stack
 
 BENCHMARKS = {module.NAME: module for module in
               (grpc_ingress, nats_ingress, end_to_end, inflight, memory, scaling,
-               listing, real_vllm)}
-NEEDS_RAY = {"e2e", "inflight", "memory", "scaling", "vllm"}
+               listing, real_vllm, pools)}
+NEEDS_RAY = {"e2e", "inflight", "memory", "scaling", "vllm", "pools"}
 
 
 def main(argv: list[str] | None = None) -> int:

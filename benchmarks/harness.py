@@ -21,7 +21,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -218,7 +218,14 @@ class Standin:
             return json.loads(reply.read())  # type: ignore[no-any-return]
 
     def reset(self) -> None:
-        request = urllib.request.Request(f"{self.url}/control/reset", data=b"{}",
+        self._post("/control/reset", {})
+
+    def control(self, **behaviour: Any) -> None:
+        """Change its behaviour (``harness.standin_behaviour.Behaviour``'s fields)."""
+        self._post("/control", behaviour)
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        request = urllib.request.Request(f"{self.url}{path}", data=json.dumps(body).encode(),
                                          headers={"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=10).close()
 
@@ -243,8 +250,9 @@ class Store:
         self.store = DeliberationStore(self.redis, self.settings)
 
     async def submit(self, count: int, url: str, submitted: dict[str, float],
-                     concurrency: int = 64) -> list[str]:
-        """Submit ``count`` single-agent deliberations; ``submitted[id]`` = perf_counter."""
+                     concurrency: int = 64, **fields: Any) -> list[str]:
+        """Submit ``count`` single-agent deliberations; ``submitted[id]`` = perf_counter;
+        ``fields`` replace the agent job's (e.g. its ``route``)."""
         ids = [f"delib-{uuid.uuid4().hex}" for _ in range(count)]
         gate = asyncio.Semaphore(concurrency)
 
@@ -252,7 +260,7 @@ class Store:
             async with gate:
                 submitted[did] = time.perf_counter()
                 await self.store.submit(did, {"id": did, "task_id": f"task-{did}"},
-                                        [agent_job(did, url)])
+                                        [replace(agent_job(did, url), **fields)])
 
         await asyncio.gather(*(one(did) for did in ids))
         return ids

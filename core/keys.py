@@ -27,7 +27,7 @@ class Keys:
         self.stats = f"{prefix}:stats"  # hash of counters
         self.outbox = f"{prefix}:outbox"  # hash: event id -> JSON of what to publish
         self.outbox_due = f"{prefix}:outbox:due"  # zset: event id -> ms it is due to be sent
-        # hash per vLLM endpoint (``url|model``): failures, opened_until ms (actors.circuit)
+        # hash per vLLM endpoint (its URL as configured): failures, opened_until ms (actors.circuit)
         self.circuits = f"{prefix}:circuit"
         # hash: endpoint -> opened_until ms (0: failures recorded, closed); what health and
         # metrics read instead of scanning the keyspace for circuit records
@@ -64,7 +64,7 @@ class Keys:
         """String: the deliberation id a task id (or idempotency key) was given."""
         return f"{self.prefix}:idem:{key}"
 
-    # --- one vLLM endpoint (``url|model``) ---
+    # --- one vLLM endpoint (its URL as configured, ``actors.endpoints``) ---
 
     def circuit(self, endpoint: str) -> str:
         """Hash: the endpoint's consecutive failures and ``opened_until`` ms."""

@@ -158,13 +158,14 @@ class Settings:
     vllm_concurrency: int = _setting(
         PREFIX + "VLLM_CONCURRENCY",
         64,
-        "Jobs in flight at once per vLLM endpoint and model, across every worker.",
+        "Jobs in flight at once per vLLM endpoint, across every worker: VLLM_URL's, a "
+        "routes-file endpoint's without its own concurrency, a URL a request names itself.",
         minimum=1,
     )
     vllm_rate_limit: int = _setting(
         PREFIX + "VLLM_RATE_LIMIT",
         0,
-        "Requests per window per vLLM endpoint and model; 0: no rate limit.",
+        "Requests per window per vLLM endpoint; 0: no rate limit.",
         minimum=0,
     )
     vllm_rate_window: float = _setting(

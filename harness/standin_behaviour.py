@@ -35,8 +35,9 @@ class Behaviour:
     for the next ``fail_count`` chat requests (-1: all), after which the faults are cleared.
     Setting a fault without ``fail_count`` sets it to -1. ``hold``: every chat request waits
     until it is set false again (a test fills a concurrency limit exactly, whatever the
-    machine's speed). ``content``: the answer of every successful chat (e.g. a structured
-    answer that does not fit its schema).
+    machine's speed). ``capacity``: chat requests served at once, as a server of fixed size
+    (0: no limit); the others wait their turn, before their latency. ``content``: the answer
+    of every successful chat (e.g. a structured answer that does not fit its schema).
     """
 
     latency: float = 0.0
@@ -47,6 +48,7 @@ class Behaviour:
     garbage: bool = False
     reset: bool = False
     hold: bool = False  # chat requests wait (before their latency) until it is set false
+    capacity: int = 0
     content: Optional[str] = None  # answer every chat with this content (e.g. a bad answer)
     # Streamed answers (``"stream": true``; harness.standin_stream): ``stream`` false answers
     # them whole, as a server that cannot stream would; the content goes in pieces of
@@ -96,6 +98,7 @@ def _checked(name: str, value: Any) -> Any:
         "garbage": lambda: isinstance(value, bool),
         "reset": lambda: isinstance(value, bool),
         "hold": lambda: isinstance(value, bool),
+        "capacity": lambda: integer(0, 2**31),
         "content": lambda: value is None or isinstance(value, str),
         "stream": lambda: isinstance(value, bool),
         "piece_chars": lambda: integer(1, 2**31),
@@ -118,6 +121,8 @@ class Stats:
     requests: int = 0  # received
     in_flight: int = 0  # received, not yet answered or closed
     peak_in_flight: int = 0
+    serving: int = 0  # in flight past the wait for a place (``capacity``)
+    peak_serving: int = 0
     completed: int = 0  # answered with a chat completion
     errors: int = 0  # answered with an error status, garbage or a reset
     cancelled: int = 0  # the client went away before the answer

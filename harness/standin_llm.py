@@ -91,6 +91,7 @@ class StandinLLM:
         self._tasks: Set[asyncio.Task[Any]] = set()
         self._closing = False
         self._released: Optional[asyncio.Event] = None  # set while requests are not held
+        self._places: Optional[asyncio.Condition] = None  # of the capacity's places
 
     @property
     def url(self) -> str:
@@ -100,6 +101,7 @@ class StandinLLM:
         raise_fd_limit()
         self._closing = False
         self._released = asyncio.Event()  # made on the server's loop (Python 3.9 binds it)
+        self._places = asyncio.Condition()
         self._sync_hold()
         self._server = await asyncio.start_server(self._serve, self.host, self.port,
                                                   backlog=_BACKLOG)
@@ -139,8 +141,9 @@ class StandinLLM:
         """Back to the behaviour given at start; counters zeroed (``in_flight`` is live)."""
         self.behaviour = dataclasses.replace(self._initial)
         self._sync_hold()
-        in_flight = self.counters.in_flight
-        self.counters = Stats(in_flight=in_flight, peak_in_flight=in_flight)
+        in_flight, serving = self.counters.in_flight, self.counters.serving
+        self.counters = Stats(in_flight=in_flight, peak_in_flight=in_flight, serving=serving,
+                              peak_serving=serving)
         self.traceparents.clear()
         self.sampling.clear()
 
@@ -260,11 +263,14 @@ class StandinLLM:
         counters.requests += 1
         counters.in_flight += 1
         counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
+        placed = False
         try:
             if self.behaviour.hold and self._released is not None and \
                     not await conn.wait_unless_gone(None, self._released.wait()):
                 self.counters.cancelled += 1
                 return False
+            if self.behaviour.capacity:
+                placed = await self._place()
             latency = self.behaviour.latency
             fault = self._take_fault()
             wait = None if fault is not None and fault.hang else latency
@@ -307,6 +313,25 @@ class StandinLLM:
             return sent
         finally:
             self.counters.in_flight -= 1
+            if placed:
+                await self._leave()
+
+    async def _place(self) -> bool:
+        """Wait for one of ``capacity``'s places and take it."""
+        assert self._places is not None
+        async with self._places:
+            await self._places.wait_for(lambda: not self.behaviour.capacity
+                                        or self.counters.serving < self.behaviour.capacity)
+            counters = self.counters
+            counters.serving += 1
+            counters.peak_serving = max(counters.peak_serving, counters.serving)
+        return True
+
+    async def _leave(self) -> None:
+        assert self._places is not None
+        async with self._places:
+            self.counters.serving -= 1
+            self._places.notify()
 
     def _answer(self, request: Any) -> Tuple[int, Any, str]:
         """(status, JSON value, outcome) of a chat request: its decoded body, None when the

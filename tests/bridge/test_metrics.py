@@ -18,6 +18,7 @@ from dramatiq.brokers.stub import StubBroker
 
 from actors.backoff import RetryJob
 from actors.circuit import CircuitBreaker
+from actors.limits import ConcurrencyLimiter
 from core.logs import redact
 from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -127,8 +128,9 @@ def test_route_pending_jobs_count_ready_and_running_against_capacity(
 
 
 class RedisCalls:
-    """What ``CircuitBreaker`` asks of the worker's runtime: its Redis calls, here on a plain
-    client (the runtime itself needs a booted worker process and Ray)."""
+    """What ``ConcurrencyLimiter`` and ``CircuitBreaker`` ask of the worker's runtime: their
+    Redis calls, here on a plain client (the runtime itself needs a booted worker process and
+    Ray)."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -139,14 +141,18 @@ class RedisCalls:
     def redis(self, *commands: Tuple[Any, ...]) -> List[Any]:
         return [self.client.execute_command(*command) for command in commands]
 
+    def redis_soon(self, *commands: Tuple[Any, ...], failed: str = "") -> None:
+        self.redis(*commands)
+
 
 def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> None:
-    """What the workers' circuit breaker records (``actors.circuit``, driven through its own
-    middleware hooks as a worker's jobs would), as a gauge per endpoint; credentials in an
-    endpoint's URL never reach a label."""
+    """What the workers' circuit breaker records (``actors.circuit``, driven through the
+    limiter's and its own middleware hooks as a worker's jobs would), as a gauge per endpoint;
+    credentials in an endpoint's URL never reach a label."""
     settings = Settings(redis_url=redis_url, key_prefix=bridge.prefix, circuit_failures=3)
-    breaker = CircuitBreaker(settings, RedisCalls(  # type: ignore[arg-type]
-        redis.Redis.from_url(redis_url, decode_responses=True)))
+    calls = RedisCalls(redis.Redis.from_url(redis_url, decode_responses=True))
+    limiter = ConcurrencyLimiter(settings, calls)  # type: ignore[arg-type]
+    breaker = CircuitBreaker(settings, calls, limiter.chosen)  # type: ignore[arg-type]
     broker = StubBroker(middleware=[])
     dramatiq.actor(lambda **job: None, actor_name="vllm_agent", broker=broker)
 
@@ -155,12 +161,15 @@ def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> No
                                 kwargs={"vllm_url": url, "model": "m"},
                                 options={"circuit_cooldown": cooldown})
 
+    def attempt(message: dramatiq.Message, exception: Any = None) -> None:
+        limiter.before_process_message(broker, message)  # takes the endpoint
+        breaker.after_process_message(broker, message, exception=exception)
+        limiter.after_process_message(broker, message, exception=exception)
+
     def fail(url: str, times: int, cooldown: float = 600) -> None:
         for _ in range(times):
-            message = job(url, cooldown)
-            breaker.before_process_message(broker, message)
-            breaker.after_process_message(broker, message, exception=RetryJob(
-                "HTTP 503", delay=100, error_type="unavailable"))
+            attempt(job(url, cooldown), RetryJob("HTTP 503", delay=100,
+                                                 error_type="unavailable"))
 
     failing, wobbly, cooling = ("http://user:s3cret@vllm-a:8000/v1", "http://vllm-b:8000/v1",
                                 "http://vllm-c:8000/v1")
@@ -168,22 +177,20 @@ def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> No
     fail(wobbly, 1)  # a failure recorded, still closed
     fail(cooling, 3, cooldown=3)  # open for 3 s; its record lasts ten times that
     text = scrape(bridge)
-    assert sample(text, "ray_executor_circuit_open", endpoint=redact(f"{failing}|m")) == 1
-    assert sample(text, "ray_executor_circuit_open", endpoint=f"{wobbly}|m") == 0
+    assert sample(text, "ray_executor_circuit_open", endpoint=redact(failing)) == 1
+    assert sample(text, "ray_executor_circuit_open", endpoint=wobbly) == 0
     assert text.count("ray_executor_circuit_open{") == 3 and "s3cret" not in text
     # GetStatus names each open circuit (credentials redacted), until its cooldown is over.
     message = bridge.stub().GetStatus(pb.GetStatusRequest()).message
-    assert f"vLLM endpoint {redact(failing)}|m: circuit open for " in message, message
-    assert f"vLLM endpoint {cooling}|m: circuit open" in message, message
+    assert f"vLLM endpoint {redact(failing)}: circuit open for " in message, message
+    assert f"vLLM endpoint {cooling}: circuit open" in message, message
     assert wobbly not in message and "s3cret" not in message, message
     until(lambda: sample(scrape(bridge), "ray_executor_circuit_open",
-                         endpoint=f"{cooling}|m") == 0, "the 3 s cooldown over on the gauge")
+                         endpoint=cooling) == 0, "the 3 s cooldown over on the gauge")
     message = bridge.stub().GetStatus(pb.GetStatusRequest()).message
-    assert cooling not in message and f"{redact(failing)}|m: circuit open" in message, message
+    assert cooling not in message and f"{redact(failing)}: circuit open" in message, message
     # Its cooldown over, a probe's success closes it: the endpoint leaves the gauge.
-    probe = job(cooling, 3)
-    breaker.before_process_message(broker, probe)  # half-open: this one goes through
-    breaker.after_process_message(broker, probe)
+    attempt(job(cooling, 3))  # half-open: this one goes through as the probe
     text = scrape(bridge)
-    assert f'endpoint="{cooling}|m"' not in text
+    assert f'endpoint="{cooling}"' not in text
     assert text.count("ray_executor_circuit_open{") == 2, text

@@ -71,7 +71,8 @@ def test_completion_shape(llm: StandinThread) -> None:
     assert usage["prompt_tokens"] == 4 + 7
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 10
     assert llm.stats() == {"requests": 1, "in_flight": 0, "peak_in_flight": 1,
-                           "completed": 1, "errors": 0, "cancelled": 0}
+                           "serving": 0, "peak_serving": 0, "completed": 1, "errors": 0,
+                           "cancelled": 0}
 
 
 def test_echo_is_short_and_model_defaults(llm: StandinThread) -> None:
@@ -146,6 +147,18 @@ def test_hold_keeps_requests_until_released(llm: StandinThread) -> None:
         assert [answer.result(timeout=30)[0] for answer in answers] == [200] * 5
     assert chat(llm.url)[0] == 200
     assert llm.stats()["completed"] == 6 and llm.stats()["peak_in_flight"] == 5
+
+
+def test_capacity_serves_that_many_at_once(llm: StandinThread) -> None:
+    """A stand-in of capacity 2 serves two requests at a time; the others wait their turn
+    and are answered all the same."""
+    llm.control(capacity=2, latency=1)
+    with ThreadPoolExecutor(6) as pool:
+        answers = [pool.submit(chat, llm.url) for _ in range(6)]
+        until(lambda: llm.stats()["in_flight"] == 6, "six requests in")
+        assert [answer.result(timeout=60)[0] for answer in answers] == [200] * 6
+    stats = llm.stats()
+    assert (stats["peak_serving"], stats["completed"], stats["serving"]) == (2, 6, 0), stats
 
 
 def test_invalid_control(llm: StandinThread) -> None:

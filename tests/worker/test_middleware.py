@@ -352,7 +352,7 @@ def test_the_circuit_opens_on_failures_and_closes_on_recovery(
     settings = shared  # the threshold and cooldown come as per-message overrides
     standin.control(status=503, fail_count=-1)
     client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
-    circuit = f"{settings.key_prefix}:circuit:{standin.url}|standin-model"
+    circuit = f"{settings.key_prefix}:circuit:{standin.url}"
     # An open circuit sends a job back for half to all of the cooldown: 6 s or more, past the
     # longest retry backoff (5 s), so the delay queue tells its waits from retries.
     cooldown = 12
