@@ -149,25 +149,26 @@ class DeliberationStore:
                      ) -> Tuple[Tuple[Any, ...], List[Dict[str, Any]]]:
         """The ``submit.lua`` call recording ``submissions``, and their records as they will
         be stored."""
-        queue = self.settings.queue
-        keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
-                dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
+        keys = [self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
                 self.keys.index]
         submitted = lifecycle_event("submitted", status=contract.QUEUED)
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
-                           WAKE_CHANNEL, queue, submitted, self.settings.idempotency_ttl_seconds]
+                           WAKE_CHANNEL, submitted, self.settings.idempotency_ttl_seconds]
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]
+            # Each its own route's queue (bridge.validation puts it in the record).
+            queue = record.get("queue") or self.settings.queue
             record = {**record, "status": contract.QUEUED, "created_ms": now,
                       "completed": 0, "failed": 0, "num_agents": len(jobs)}
             records.append(record)
             keys += (self.keys.idempotency(idempotency_key),
                      self.keys.deliberation(deliberation_id),
                      self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
-                     self.keys.messages(deliberation_id))
-            args += (deliberation_id, len(record), *chain.from_iterable(record.items()),
-                     len(jobs))
+                     self.keys.messages(deliberation_id), dramatiq_internals.queue_key(queue),
+                     dramatiq_internals.messages_key(queue))
+            args += (deliberation_id, queue, len(record),
+                     *chain.from_iterable(record.items()), len(jobs))
             for job in jobs:
                 redis_id = unique_id()
                 args += (job.agent_id, json.dumps({
