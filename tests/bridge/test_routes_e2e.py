@@ -19,8 +19,7 @@ import redis
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.conftest import CLI, BridgeProcess, Channel, request
 from tests.bridge.test_metrics import sample, scrape
-from tests.bridge.test_nats_ingress import as_json, consumer_ready, dead_letters, settled, \
-    with_nats
+from tests.bridge.test_nats_ingress import as_json, consumer_ready, dead_letters, settled, with_nats
 from tests.conftest import worker_python
 from tests.waiting import until
 
@@ -96,8 +95,8 @@ def test_each_route_runs_its_requests_on_its_own_workers(
 
         start_worker(bridge, RAY_ADDRESS=UNREACHABLE, RAY_EXECUTOR_ROUTE="a")
         for deliberation_id in (by_model, by_default):
-            done = until(lambda: final(stub, deliberation_id), "route a's deliberations",
-                         timeout=180)
+            done = until(lambda: final(stub, deliberation_id),  # noqa: B023 (awaited here)
+                         "route a's deliberations", timeout=180)
             assert done.status == "completed", done
         assert final(stub, by_metadata) is None  # a's worker never takes b's jobs
         assert client.llen(f"dramatiq:{queue_b}") == 2
