@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -160,8 +161,18 @@ def test_a_request_no_route_takes_is_refused_naming_the_field(
     assert client.llen(f"dramatiq:{data['routes'][0]['queue']}") == 0
 
 
-def run(command: List[str], env: Dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+def run(command: List[str], env: Dict[str, str]) -> Tuple[int, str]:
+    """Exit code and stderr of ``command``, in a session of its own: one that starts instead
+    of refusing is killed with every process it forked."""
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True,
+                               stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"{command} started instead of refusing") from None
+    return process.returncode, stderr
 
 
 def test_bridge_and_worker_refuse_to_start_with_one_line(tmp_path: Path, redis_url: str) -> None:
@@ -179,9 +190,9 @@ def test_bridge_and_worker_refuse_to_start_with_one_line(tmp_path: Path, redis_u
           "'vllm.endpoints[0].concurrency' must be an integer >= 1"
     for command, name in (([CLI, "bridge"], "bridge"), ([worker_python(), "-m", "actors"],
                                                         "worker")):
-        done = run(command, env)
-        assert done.returncode != 0 and done.stderr.strip().splitlines() == [
-            f"ray-executor {name}: {why}"], (name, done.stderr)
+        code, stderr = run(command, env)
+        assert code != 0 and stderr.strip().splitlines() == [f"ray-executor {name}: {why}"], \
+            (name, stderr)
     good = routes_file(tmp_path / "good.json", [
         {"name": "a", "queue": "qa", "match": {"default": True},
          "vllm": {"endpoints": [{"url": "http://x:8000/v1"}]}}])
@@ -189,6 +200,5 @@ def test_bridge_and_worker_refuse_to_start_with_one_line(tmp_path: Path, redis_u
     for command, extra in (([CLI, "worker", "--worker-python", worker_python(), "--route",
                              "nope"], {}),
                            ([worker_python(), "-m", "actors"], {"RAY_EXECUTOR_ROUTE": "nope"})):
-        done = run(command, {**env, **good, **extra})
-        assert done.returncode == 2 and done.stderr.strip().splitlines() == [unknown], \
-            (command, done.stderr)
+        code, stderr = run(command, {**env, **good, **extra})
+        assert code == 2 and stderr.strip().splitlines() == [unknown], (command, stderr)
