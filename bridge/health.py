@@ -27,7 +27,6 @@ from core.dramatiq_internals import queue_depths
 from core.errors import StateUnavailable
 from core.logs import redact
 from core.routes import Routes
-from core.routes import load as load_routes
 from core.settings import Settings
 from core.store import DeliberationStore
 
@@ -67,9 +66,9 @@ class RouteState:
 
 async def assess(store: DeliberationStore, settings: Settings, nats: Any,
                  routes: Routes) -> Tuple[Health, Optional[Dict[str, Any]]]:
-    """The service's health and, when Redis answered, the counts of ``store.stats()`` with
-    the queue depths summed over the routes and each route's ``RouteState`` under
-    ``routes``.
+    """The service's health and, when Redis answered, the counts of ``store.stats()``, the
+    queue depths summed over the routes (``ready``, ``delayed``, ``dead``) and each route's
+    ``RouteState`` (``routes``).
 
     Parameters:
       store: the deliberation state.
@@ -125,11 +124,11 @@ class Watch:
     """The latest verdict, renewed every ``interval`` seconds by ``run`` on the bridge's
     loop, for ``/healthz`` (served from another thread)."""
 
-    def __init__(self, store: DeliberationStore, settings: Settings,
-                 routes: Optional[Routes] = None, interval: float = 5.0) -> None:
+    def __init__(self, store: DeliberationStore, settings: Settings, routes: Routes,
+                 interval: float = 5.0) -> None:
         self.store = store
         self.settings = settings
-        self.routes = routes if routes is not None else load_routes(settings)
+        self.routes = routes
         self.interval = interval
         self.nats: Any = None  # the bridge's NATS connection, once it has one
         self.latest = Health(("starting",))

@@ -2,7 +2,9 @@
 
 ``plan`` turns a request into what gets recorded and enqueued, or raises ``InvalidRequest``
 naming the offending field (``agents[1].id``, ``constraints.timeout_seconds`` ...). Nothing is
-written before a request has passed.
+written before a request has passed. The plan carries the request's route (``core.routes``):
+its queue and name in the record, its name in each job; a request no route takes is refused
+naming ``vllm_model`` or ``constraints.metadata``.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
     model = _text("vllm_model", request.vllm_model, settings, limit=MAX_ID_CHARS)
     model = model or settings.vllm_model
     route = _route(routes or _implicit(settings), model, metadata)
-    # A route's first endpoint stands for its pool (actors.limits picks within it).
+    # A route's first endpoint stands for its pool (the workers choose within it).
     vllm_url = request.vllm_url.strip() or route.endpoints[0].url
 
     if not request.agents:

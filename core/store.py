@@ -5,7 +5,8 @@ One script per transition, so a crash or a Redis outage never leaves half a deli
 - ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
   the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
   at once. A second submit with the same key returns the first deliberation and pushes nothing.
-  One call records a whole group of deliberations, each on its own (``submit_all``). Each
+  One call records a whole group of deliberations, each on its own (``submit_all``) and each
+  on the queue its record names (its route's; ``RAY_EXECUTOR_QUEUE`` when none). Each
   agent's message is also kept with the deliberation, for a retry.
 - ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
   cancelled, or a redelivered message finds the agent already finished).
@@ -213,15 +214,12 @@ class DeliberationStore:
         return jobs
 
     async def stats(self) -> Dict[str, int]:
-        """Deliberation counters and queue depths (``queue_depths``)."""
-        def reads(pipe: Any) -> None:
-            pipe.hgetall(self.keys.stats)
-            pipe.zcard(self.keys.active)
-            dramatiq_internals.queue_depths(pipe, self.settings.queue)
-
-        counters, active, ready, delayed, dead = await self.batcher.pipelined(reads)
+        """Deliberation counters and the number active (the queues' depths, per route:
+        ``bridge.health``)."""
+        counters, active = await self.batcher.pipelined(lambda pipe: (
+            pipe.hgetall(self.keys.stats), pipe.zcard(self.keys.active)))
         counts = {k: int(v) for k, v in counters.items()}
-        counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
+        counts["active"] = active
         return counts
 
     async def events(self, deliberation_id: str, block_ms: int = 5000
