@@ -1,7 +1,7 @@
 """DeliberationStore against a real valkey: calls made together share one pipeline, a bad
 command fails only its caller, scripts come back after SCRIPT FLUSH, and an unreachable Redis
 is reported as StateUnavailable to every caller; ``submit_all`` answers each submission on
-its own."""
+its own; a group fills each submission's queue, and a retry its route's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from core.contract import AgentJob
 from core.dramatiq_internals import queue_key
 from core.errors import StateUnavailable
 from core.keys import WAKE_CHANNEL
+from core.retry import retry_failed
 from core.settings import Settings
 from core.store import DeliberationStore
 from harness import servers
@@ -164,3 +165,21 @@ def test_one_group_fills_each_submission_s_own_queue_and_wakes_each(redis_url: s
     assert all(outcome[1] for outcome in outcomes)
     assert lengths == [2, 1, 1]
     assert wakes >= {f"a{tag}", f"b{tag}", default}
+
+
+def test_a_retry_queues_the_failed_agents_on_their_route_s_queue(redis_url: str) -> None:
+    """``core.retry`` requeues on the queue the record names (its route's), not on
+    ``RAY_EXECUTOR_QUEUE``."""
+    async def scenario(store: DeliberationStore) -> Any:
+        record = {**new_record(), "queue": f"r{uuid.uuid4().hex[:8]}"}
+        failed = job(record["id"])
+        await store.submit(f"task:{record['id']}", record, [failed])
+        await store.redis.delete(queue_key(record["queue"]))  # as a worker took it
+        await store.start(failed, 0)
+        await store.finish(failed, {"status": "failed", "error": "boom"})
+        await store.redis.delete(store.keys.outbox)  # as the outbox published its events
+        await retry_failed(store, record["id"], by="test", reason="routes")
+        return [await store.redis.llen(queue_key(queue))
+                for queue in (record["queue"], store.settings.queue)]
+
+    assert run(redis_url, scenario) == [1, 0]
