@@ -1,5 +1,8 @@
-"""``python -m actors``: check the Ray cluster's versions, requeue what a named group's
-previous run held (``RAY_EXECUTOR_WORKER_ID``), then run Dramatiq's worker.
+"""``python -m actors``: take the route's queue and Ray cluster (``RAY_EXECUTOR_ROUTE``,
+``core.routes``), check the cluster's versions, requeue what a named group's previous run
+held (``RAY_EXECUTOR_WORKER_ID``), then run Dramatiq's worker on the route's queue.
+
+An unknown route or a bad routes file stops it (exit code 2) with one line naming them.
 
 A worker whose Python or Ray differs from the cluster's refuses to start (exit code 3) with
 a message naming both versions; an unreachable cluster only warns, since each process keeps
@@ -17,6 +20,8 @@ from typing import List, Optional
 
 from actors.connection import RayConnection, RayUnavailable, RayVersionMismatch
 from core import logs
+from core.routes import RoutesError
+from core.routes import load as load_routes
 from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.worker")
@@ -42,6 +47,11 @@ def dramatiq_argv(settings: Settings) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
+    try:
+        settings = serving(settings)
+    except RoutesError as exc:
+        print(f"ray-executor worker: {exc}", file=sys.stderr)
+        return 2
     if not settings.ray_address or not settings.redis_url:
         print("ray-executor worker: RAY_ADDRESS and REDIS_URL are required", file=sys.stderr)
         return 2
@@ -65,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if settings.worker_id:
         requeue_previous_run(settings)
     env = dict(os.environ)
+    # Dramatiq's processes read their settings again (actors.worker): the route's are theirs.
+    env.update(RAY_EXECUTOR_QUEUE=settings.queue, RAY_ADDRESS=settings.ray_address)
     # Dramatiq's Prometheus middleware: our address and port (it would bind 0.0.0.0, even under
     # `ray-executor up`), and a multiprocess directory of this worker group's own (its default
     # is shared by every worker on the machine).
@@ -76,6 +88,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = dramatiq_argv(settings)
     os.execve(args[0], args, env)
     return 0  # not reached
+
+
+def serving(settings: Settings) -> Settings:
+    """``settings`` with the queue and Ray address of the route the worker serves
+    (``RAY_EXECUTOR_ROUTE``; empty: the default route); ``RoutesError`` names a bad routes
+    file or an unknown route."""
+    route = load_routes(settings).named(settings.route)
+    logger.info("serving route %s: queue %s", route.name, route.queue)
+    return settings.replace(queue=route.queue, ray_address=route.ray_address)
 
 
 def requeue_previous_run(settings: Settings) -> None:

@@ -62,6 +62,8 @@ def _worker_command(args: argparse.Namespace, settings: Settings) -> int:
     # The worker side lives in the worker environment (the cluster's Python with Ray):
     # hand over to it as a new program rather than importing it here.
     python = args.worker_python or sys.executable
+    if args.route:
+        os.environ["RAY_EXECUTOR_ROUTE"] = args.route
     os.execv(python, [python, "-m", "actors"])
     return 0  # not reached
 
@@ -245,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run Dramatiq workers that execute jobs on Ray")
     worker.add_argument("--worker-python", default="",
                         help="python of the worker environment (default: this one)")
+    worker.add_argument("--route", default="",
+                        help="the route to serve (default: RAY_EXECUTOR_ROUTE, else the "
+                             "default route)")
     sub.add_parser("dashboard", help="serve dramatiq-dashboard for our queue (needs "
                    "REDIS_URL; auth: RAY_EXECUTOR_DASHBOARD_*)")
     up = sub.add_parser("up", help="run everything on loopback (embedded servers where no URL)")

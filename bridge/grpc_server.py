@@ -169,11 +169,15 @@ class RayExecutorServicer(rpc.RayExecutorServiceServicer):
     async def GetStatus(self, request: pb.GetStatusRequest,
                         context: grpc.aio.ServicerContext) -> pb.GetStatusResponse:
         uptime = int(time.monotonic() - self.started)
-        verdict, counts = await assess(self.store, self.settings, self.watch.nats)
+        verdict, counts = await assess(self.store, self.settings, self.watch.nats,
+                                       self.watch.routes)
         response = pb.GetStatusResponse(status=verdict.status, uptime_seconds=uptime,
                                         message=verdict.message)
         if counts is None:
             return response
+        if self.settings.routes_file:  # each route's queue and workers, after the reasons
+            response.message = "; ".join(
+                [*verdict.reasons, *(state.summary() for state in counts["routes"])])
         if request.include_stats:
             finished = counts.get("completed", 0) + counts.get("failed", 0)
             response.stats.CopyFrom(pb.RayExecutorStats(

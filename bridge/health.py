@@ -4,9 +4,10 @@ Degraded, with every reason, when:
 
 - Redis is unreachable (nothing can be submitted or read);
 - NATS is configured but not connected (events wait in the outbox);
-- no worker process of the queue has beaten within ``RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT``
-  (jobs wait in the queue; the workers list themselves, ``core.keys.Keys.workers``);
-- more than ``DEGRADED_BACKLOG`` messages wait in the queue;
+- a route's queue has no worker process that beat within
+  ``RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT`` (that route's jobs wait; the workers list
+  themselves per queue, ``core.keys.Keys.workers``), each such route named;
+- more than ``DEGRADED_BACKLOG`` messages wait in a route's queue;
 - a vLLM endpoint's circuit is open (``actors.circuit``: its jobs wait for the cooldown).
 
 The bridge still takes requests while degraded: they wait in Redis for what is missing.
@@ -18,12 +19,14 @@ import asyncio
 import contextlib
 import dataclasses
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import redis.exceptions
 
+from core.dramatiq_internals import queue_depths
 from core.errors import StateUnavailable
 from core.logs import redact
+from core.routes import Routes
 from core.settings import Settings
 from core.store import DeliberationStore
 
@@ -45,29 +48,54 @@ class Health:
         return "; ".join(self.reasons)
 
 
-async def assess(store: DeliberationStore, settings: Settings, nats: Any
-                 ) -> Tuple[Health, Optional[Dict[str, Any]]]:
-    """The service's health and, when Redis answered, the counts of ``store.stats()``.
+@dataclasses.dataclass(frozen=True)
+class RouteState:
+    """One route's queue: messages ready, delayed and dead-lettered, and live workers."""
+
+    route: str
+    queue: str
+    ready: int
+    delayed: int
+    dead: int
+    workers: int
+
+    def summary(self) -> str:
+        return (f"route {self.route} (queue {self.queue}): {self.workers} workers, "
+                f"{self.ready} ready, {self.delayed} delayed, {self.dead} dead")
+
+
+async def assess(store: DeliberationStore, settings: Settings, nats: Any,
+                 routes: Routes) -> Tuple[Health, Optional[Dict[str, Any]]]:
+    """The service's health and, when Redis answered, the counts of ``store.stats()``, the
+    queue depths summed over the routes (``ready``, ``delayed``, ``dead``) and each route's
+    ``RouteState`` (``routes``).
 
     Parameters:
       store: the deliberation state.
-      settings: the queue, the heartbeat timeout and whether NATS is configured.
+      settings: the heartbeat timeout, whether NATS and a routes file are configured.
       nats: the bridge's NATS connection, or None while it has none.
+      routes: the routes whose queues and workers are looked at.
     """
     reasons = []
     if settings.nats_url and not (nats is not None and nats.is_connected):
         reasons.append("NATS not connected: events wait in the outbox")
     try:
-        counts = await store.stats()
-        workers = await live_workers(store, settings)
+        counts: Dict[str, Any] = await store.stats()
+        states = await route_states(store, settings, routes)
         circuits = await store.redis.hgetall(store.keys.circuit_index)
     except (StateUnavailable, redis.exceptions.RedisError) as exc:
         return Health((f"Redis unreachable: {exc}", *reasons)), None
-    if not workers:
-        reasons.append(f"no live worker on queue {settings.queue!r} (none beat in the last "
-                       f"{settings.worker_heartbeat_timeout} s): jobs wait")
-    if counts["ready"] >= DEGRADED_BACKLOG:
-        reasons.append(f"{counts['ready']} messages waiting")
+    # Without a routes file the one route is the service: its reasons read as they always did.
+    named = settings.routes_file != ""
+    for state in states:
+        of_route = f" of route {state.route!r}" if named else ""
+        if not state.workers:
+            reasons.append(f"no live worker on queue {state.queue!r}{of_route} (none beat in "
+                           f"the last {settings.worker_heartbeat_timeout} s): jobs wait")
+        if state.ready >= DEGRADED_BACKLOG:
+            reasons.append(f"{state.ready} messages waiting{of_route}")
+    counts.update(ready=sum(s.ready for s in states), delayed=sum(s.delayed for s in states),
+                  dead=sum(s.dead for s in states), routes=states)
     now_ms = time.time() * 1000
     for endpoint, opened_until in sorted(circuits.items()):
         if float(opened_until) > now_ms:
@@ -76,28 +104,37 @@ async def assess(store: DeliberationStore, settings: Settings, nats: Any
     return Health(tuple(reasons)), counts
 
 
-async def live_workers(store: DeliberationStore, settings: Settings) -> int:
-    """Worker processes of the queue whose last heartbeat is within the timeout."""
-    now_ms = int(time.time() * 1000)
-    return int(await store.redis.zcount(store.keys.workers(settings.queue),
-                                        now_ms - settings.worker_heartbeat_timeout * 1000,
-                                        "+inf"))
+async def route_states(store: DeliberationStore, settings: Settings, routes: Routes
+                       ) -> List[RouteState]:
+    """Each route's queue depths and worker processes whose last heartbeat is within the
+    timeout, in one pipeline."""
+    floor = int(time.time() * 1000) - settings.worker_heartbeat_timeout * 1000
+
+    def reads(pipe: Any) -> None:
+        for route in routes:
+            queue_depths(pipe, route.queue)
+            pipe.zcount(store.keys.workers(route.queue), floor, "+inf")
+
+    values = await store.batcher.pipelined(reads)
+    return [RouteState(route.name, route.queue, *(int(v) for v in values[4 * i:4 * i + 4]))
+            for i, route in enumerate(routes)]
 
 
 class Watch:
     """The latest verdict, renewed every ``interval`` seconds by ``run`` on the bridge's
     loop, for ``/healthz`` (served from another thread)."""
 
-    def __init__(self, store: DeliberationStore, settings: Settings, interval: float = 5.0
-                 ) -> None:
+    def __init__(self, store: DeliberationStore, settings: Settings, routes: Routes,
+                 interval: float = 5.0) -> None:
         self.store = store
         self.settings = settings
+        self.routes = routes
         self.interval = interval
         self.nats: Any = None  # the bridge's NATS connection, once it has one
         self.latest = Health(("starting",))
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.latest, _ = await assess(self.store, self.settings, self.nats)
+            self.latest, _ = await assess(self.store, self.settings, self.nats, self.routes)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.interval)

@@ -16,6 +16,8 @@ from bridge.metrics import ingress_latency, ingress_requests
 from core import contract
 from core.errors import StateUnavailable
 from core.outbox import Outbox
+from core.routes import Routes
+from core.routes import load as load_routes
 from core.settings import Settings
 from core.store import DeliberationStore, Submission, new_deliberation_id
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -31,13 +33,16 @@ class Ingress:
       settings: limits and defaults for validation.
       outbox: publishes the ``submitted`` event (may be None: the outbox loop of any process
         will publish it after its lease).
+      routes: where requests go (``core.routes``, loaded once at the bridge's start);
+        default: ``routes.load(settings)``.
     """
 
     def __init__(self, store: DeliberationStore, settings: Settings,
-                 outbox: Optional[Outbox] = None) -> None:
+                 outbox: Optional[Outbox] = None, routes: Optional[Routes] = None) -> None:
         self.store = store
         self.settings = settings
         self.outbox = outbox
+        self.routes = routes if routes is not None else load_routes(settings)
         self._background: Set[asyncio.Task] = set()
 
     async def submit(self, request: pb.ExecuteDeliberationRequest,
@@ -67,7 +72,8 @@ class Ingress:
         submissions: List[Submission] = []
         for index, (request, trace) in enumerate(requests):
             try:
-                plan = validation.plan(request, self.settings, new_deliberation_id())
+                plan = validation.plan(request, self.settings, new_deliberation_id(),
+                                       self.routes)
             except validation.InvalidRequest as exc:
                 outcomes[index] = exc
                 continue

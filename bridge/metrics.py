@@ -5,7 +5,8 @@ scales on (``ray_executor_queue_depth{queue,state}``; states ``ready``, ``delaye
 ``dead_letter`` as ``core.dramatiq_internals.queue_depths`` reads them), and per route the
 jobs pending (ready, delayed or running) against the route's capacity, which the worker
 autoscalers scale on (``ray_executor_route_pending_jobs{route}``,
-``ray_executor_route_capacity{route}``; one route, ``default``, until routes are configurable).
+``ray_executor_route_capacity{route}``: the sum of its vLLM endpoints' concurrency), for each
+route of ``core.routes``.
 ``ray_executor_circuit_open{endpoint}`` is read from the circuit breakers' index
 (``actors.circuit``, ``core.keys.Keys.circuit_index``): one hash read, no keyspace scan.
 Deliberation totals come from the shared Redis counters, so every bridge replica reports the
@@ -32,12 +33,11 @@ from core.connections import connect_sync
 from core.dramatiq_internals import queue_depths, unacked
 from core.keys import Keys
 from core.logs import redact
+from core.routes import Routes
 from core.settings import Settings
 
 logger = logging.getLogger("ray_executor.metrics")
 
-# The name the chart gives the one route the service has (k8s/charts/ray-executor/values.yaml).
-DEFAULT_ROUTE = "default"
 REGISTRY = CollectorRegistry(auto_describe=True)
 INGRESS_REQUESTS = Counter(
     "ray_executor_ingress_requests", "Deliberation requests by ingress and outcome.",
@@ -61,15 +61,15 @@ def ingress_latency(ingress: str) -> Any:
 
 
 class QueueCollector:
-    """Reads queue depths and deliberation totals from Redis at each scrape."""
+    """Reads queue depths per route and deliberation totals from Redis at each scrape."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, routes: Routes) -> None:
         self.settings = settings
+        self.routes = routes
         self.redis = connect_sync(settings.redis_url, decode_responses=True)
         self.keys = Keys(settings.key_prefix)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        queue = self.settings.queue
         depth = GaugeMetricFamily("ray_executor_queue_depth",
                                   "Messages per queue and state (ready, delayed, dead_letter).",
                                   labels=["queue", "state"])
@@ -89,11 +89,12 @@ class QueueCollector:
             labels=["route"])
         try:
             with self.redis.pipeline(transaction=False) as pipe:
-                queue_depths(pipe, queue)
-                unacked(pipe, queue)
                 pipe.hgetall(self.keys.stats)
                 pipe.zcard(self.keys.active)
-                ready, delayed, dead, running_or_ready, stats, active = pipe.execute()
+                for route in self.routes:
+                    queue_depths(pipe, route.queue)
+                    unacked(pipe, route.queue)
+                stats, active, *depths = pipe.execute()
             opened = self._circuits()
         except redis.RedisError as exc:
             logger.warning("metrics scrape could not read Redis: %s", exc)
@@ -101,13 +102,15 @@ class QueueCollector:
             yield up
             return
         up.add_metric([], 1)
-        for state, value in (("ready", ready), ("delayed", delayed), ("dead_letter", dead)):
-            depth.add_metric([queue, state], value)
+        for number, route in enumerate(self.routes):
+            ready, delayed, dead, running_or_ready = depths[4 * number:4 * number + 4]
+            for state, value in (("ready", ready), ("delayed", delayed), ("dead_letter", dead)):
+                depth.add_metric([route.queue, state], value)
+            pending.add_metric([route.name], running_or_ready + delayed)
+            capacity.add_metric([route.name], sum(e.concurrency for e in route.endpoints))
         for status in ("total", "completed", "failed", "cancelled"):
             totals.add_metric([status], int(stats.get(status, 0)))
         totals.add_metric(["active"], active)
-        pending.add_metric([DEFAULT_ROUTE], running_or_ready + delayed)
-        capacity.add_metric([DEFAULT_ROUTE], self.settings.vllm_concurrency)
         now = time.time() * 1000
         for endpoint, opened_until in opened.items():
             circuits.add_metric([redact(endpoint)], 1 if opened_until > now else 0)
@@ -119,7 +122,8 @@ class QueueCollector:
                 for endpoint, until in self.redis.hgetall(self.keys.circuit_index).items()}
 
 
-def serve(settings: Settings, health: Callable[[], Health]) -> Optional[ThreadingHTTPServer]:
+def serve(settings: Settings, routes: Routes, health: Callable[[], Health]
+          ) -> Optional[ThreadingHTTPServer]:
     """Serve ``/metrics`` and ``/healthz`` on ``RAY_EXECUTOR_METRICS_PORT`` in a thread
     (port 0 disables it; a port that cannot be bound ends the bridge with one line naming
     the setting). ``/healthz`` answers ``ok`` (200) or ``degraded: <reasons>`` (503)
@@ -128,7 +132,7 @@ def serve(settings: Settings, health: Callable[[], Health]) -> Optional[Threadin
     stops it)."""
     if not settings.metrics_port:
         return None
-    REGISTRY.register(QueueCollector(settings))  # type: ignore[arg-type]
+    REGISTRY.register(QueueCollector(settings, routes))  # type: ignore[arg-type]
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -23,6 +23,8 @@ from core import tracing
 from core.connections import connect
 from core.contract import Subjects
 from core.outbox import Outbox, attach_nats
+from core.routes import RoutesError
+from core.routes import load as load_routes
 from core.settings import Settings
 from core.store import DeliberationStore
 
@@ -34,15 +36,19 @@ async def run(settings: Settings, stop: asyncio.Event,
     """Serve until ``stop`` is set. ``on_ready`` gets the bound gRPC port."""
     if not settings.redis_url:
         raise SystemExit("REDIS_URL is required for the bridge (or use `ray-executor up`)")
+    try:
+        routes = load_routes(settings)  # once: a changed file takes a restart
+    except RoutesError as exc:
+        raise SystemExit(f"ray-executor bridge: {exc}") from None
     tracing.configure("ray-executor-bridge")
     redis = connect(settings.redis_url)
     store = DeliberationStore(redis, settings)
     outbox = Outbox(store, None, Subjects(settings))
-    ingress = Ingress(store, settings, outbox)
+    ingress = Ingress(store, settings, outbox, routes)
     # /metrics listens before the gRPC port is bound: whoever waits for that port (tests,
     # `ray-executor up`) may scrape right away.
-    watch = Watch(store, settings)
-    metrics = serve_metrics(settings, health=lambda: watch.latest)
+    watch = Watch(store, settings, routes)
+    metrics = serve_metrics(settings, routes, health=lambda: watch.latest)
     operations = OperationsServicer(store, settings, outbox.subjects, lambda: outbox.js)
     server, health, port = build_server(ingress, settings, watch, operations)
     await server.start()

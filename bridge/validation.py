@@ -2,7 +2,9 @@
 
 ``plan`` turns a request into what gets recorded and enqueued, or raises ``InvalidRequest``
 naming the offending field (``agents[1].id``, ``constraints.timeout_seconds`` ...). Nothing is
-written before a request has passed.
+written before a request has passed. The plan carries the request's route (``core.routes``):
+its queue and name in the record, its name in each job; a request no route takes is refused
+naming ``vllm_model`` or ``constraints.metadata``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import functools
 import json
 import re
 import unicodedata
-from typing import Any, Dict, FrozenSet, List, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 from urllib.parse import urlparse
 
 from core.contract import AgentJob
+from core.routes import NoRoute, Route, Routes, implicit
 from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 
@@ -50,7 +53,9 @@ class Plan:
 
 
 def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
-         deliberation_id: str) -> Plan:
+         deliberation_id: str, routes: Optional[Routes] = None) -> Plan:
+    """The request's plan, its route picked from ``routes`` (default: the one implicit route
+    of the single-route settings)."""
     size = request.ByteSize()
     if size > settings.max_request_bytes:
         raise InvalidRequest("request", f"{size} bytes, more than {settings.max_request_bytes}")
@@ -66,11 +71,13 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
     metadata = _metadata(constraints.metadata, settings)
     story_id = _text("constraints.story_id", constraints.story_id, settings, limit=MAX_ID_CHARS)
     plan_id = _text("constraints.plan_id", constraints.plan_id, settings, limit=MAX_ID_CHARS)
-    vllm_url = request.vllm_url.strip() or settings.vllm_url
     if request.vllm_url:
         _url("vllm_url", request.vllm_url)
     model = _text("vllm_model", request.vllm_model, settings, limit=MAX_ID_CHARS)
     model = model or settings.vllm_model
+    route = _route(routes or _implicit(settings), model, metadata)
+    # A route's first endpoint stands for its pool (the workers choose within it).
+    vllm_url = request.vllm_url.strip() or route.endpoints[0].url
 
     if not request.agents:
         raise InvalidRequest("agents", "at least one agent is required")
@@ -94,7 +101,7 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
             task_description=description, task_role=task_role, vllm_url=vllm_url,
             timeout_seconds=constraints.timeout_seconds or settings.job_timeout_seconds,
             max_retries=constraints.max_retries or settings.max_retries,
-            story_id=story_id, plan_id=plan_id, metadata=metadata,
+            story_id=story_id, plan_id=plan_id, metadata=metadata, route=route.name,
         ))
     record = {
         "id": deliberation_id, "task_id": task_id, "role": task_role,
@@ -102,9 +109,27 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
         # for the events' constraints (core.contract.constraints_of)
         "timeout_seconds": jobs[0].timeout_seconds, "max_retries": jobs[0].max_retries,
         "metadata": json.dumps(metadata) if metadata else "",
+        "route": route.name, "queue": route.queue,  # the queue: where core.store enqueues
     }
     key = metadata.get(IDEMPOTENCY_METADATA_KEY) or f"task:{task_id}"
     return Plan(idempotency_key=key, record=record, jobs=jobs)
+
+
+def _route(routes: Routes, model: str, metadata: Dict[str, str]) -> Route:
+    """The route taking the request, or ``InvalidRequest`` naming what matched nothing: the
+    model when routes name models and none names this one, else the metadata."""
+    try:
+        return routes.pick(model, metadata)
+    except NoRoute as exc:
+        by_model = [route for route in routes if route.models]
+        if by_model and not any(model in route.models for route in by_model):
+            raise InvalidRequest("vllm_model", str(exc)) from None
+        raise InvalidRequest("constraints.metadata", str(exc)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _implicit(settings: Settings) -> Routes:
+    return Routes([implicit(settings)])
 
 
 def check_backlog_review_task_id(value: str) -> None:

@@ -88,11 +88,11 @@ async def _try(store: DeliberationStore, deliberation_id: str, by: str, reason: 
         contract.event_id(deliberation_id, contract.FAILED, agent_id, round)
         for agent_id in failed]
     retried = lifecycle_event("retried", status=contract.QUEUED, **action)
+    queue = record.get("queue") or store.settings.queue  # its route's (core.store.submit)
     args: List[Any] = [deliberation_id, action["time_ms"], round, json.dumps(action), retried,
-                       WAKE_CHANNEL, store.settings.queue, len(pending), *pending]
+                       WAKE_CHANNEL, queue, len(pending), *pending]
     for agent_id in failed:
-        args += _requeued(store.settings.queue, agent_id, messages[agent_id])
-    queue = store.settings.queue
+        args += _requeued(queue, agent_id, messages[agent_id])
     dead = dramatiq_internals.dead_letter_key(queue)
     outcome = await store.batcher.eval(_SCRIPT, [
         keys.deliberation(deliberation_id), keys.agents(deliberation_id),

@@ -5,7 +5,8 @@ One script per transition, so a crash or a Redis outage never leaves half a deli
 - ``submit``: idempotency key, deliberation record, agent records, the ``submitted`` event and
   the Dramatiq messages of every agent (pushed the way Dramatiq's own ``enqueue`` does), all
   at once. A second submit with the same key returns the first deliberation and pushes nothing.
-  One call records a whole group of deliberations, each on its own (``submit_all``). Each
+  One call records a whole group of deliberations, each on its own (``submit_all``) and each
+  on the queue its record names (its route's; ``RAY_EXECUTOR_QUEUE`` when none). Each
   agent's message is also kept with the deliberation, for a retry.
 - ``start``: an agent job begins an attempt (or learns it must not run: the deliberation was
   cancelled, or a redelivered message finds the agent already finished).
@@ -149,25 +150,26 @@ class DeliberationStore:
                      ) -> Tuple[Tuple[Any, ...], List[Dict[str, Any]]]:
         """The ``submit.lua`` call recording ``submissions``, and their records as they will
         be stored."""
-        queue = self.settings.queue
-        keys = [self.keys.active, self.keys.stats, dramatiq_internals.queue_key(queue),
-                dramatiq_internals.messages_key(queue), self.keys.outbox, self.keys.outbox_due,
+        keys = [self.keys.active, self.keys.stats, self.keys.outbox, self.keys.outbox_due,
                 self.keys.index]
         submitted = lifecycle_event("submitted", status=contract.QUEUED)
         args: List[Any] = [now, self.settings.state_ttl_seconds, now + OUTBOX_LEASE_MS,
-                           WAKE_CHANNEL, queue, submitted, self.settings.idempotency_ttl_seconds]
+                           WAKE_CHANNEL, submitted, self.settings.idempotency_ttl_seconds]
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]
+            # Each its own route's queue (bridge.validation puts it in the record).
+            queue = record.get("queue") or self.settings.queue
             record = {**record, "status": contract.QUEUED, "created_ms": now,
                       "completed": 0, "failed": 0, "num_agents": len(jobs)}
             records.append(record)
             keys += (self.keys.idempotency(idempotency_key),
                      self.keys.deliberation(deliberation_id),
                      self.keys.agents(deliberation_id), self.keys.events(deliberation_id),
-                     self.keys.messages(deliberation_id))
-            args += (deliberation_id, len(record), *chain.from_iterable(record.items()),
-                     len(jobs))
+                     self.keys.messages(deliberation_id), dramatiq_internals.queue_key(queue),
+                     dramatiq_internals.messages_key(queue))
+            args += (deliberation_id, queue, len(record),
+                     *chain.from_iterable(record.items()), len(jobs))
             for job in jobs:
                 redis_id = unique_id()
                 args += (job.agent_id, json.dumps({
@@ -212,15 +214,12 @@ class DeliberationStore:
         return jobs
 
     async def stats(self) -> Dict[str, int]:
-        """Deliberation counters and queue depths (``queue_depths``)."""
-        def reads(pipe: Any) -> None:
-            pipe.hgetall(self.keys.stats)
-            pipe.zcard(self.keys.active)
-            dramatiq_internals.queue_depths(pipe, self.settings.queue)
-
-        counters, active, ready, delayed, dead = await self.batcher.pipelined(reads)
+        """Deliberation counters and the number active (the queues' depths, per route:
+        ``bridge.health``)."""
+        counters, active = await self.batcher.pipelined(lambda pipe: (
+            pipe.hgetall(self.keys.stats), pipe.zcard(self.keys.active)))
         counts = {k: int(v) for k, v in counters.items()}
-        counts.update(active=active, ready=ready, delayed=delayed, dead=dead)
+        counts["active"] = active
         return counts
 
     async def events(self, deliberation_id: str, block_ms: int = 5000

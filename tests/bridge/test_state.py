@@ -1,7 +1,7 @@
 """DeliberationStore against a real valkey: calls made together share one pipeline, a bad
 command fails only its caller, scripts come back after SCRIPT FLUSH, and an unreachable Redis
 is reported as StateUnavailable to every caller; ``submit_all`` answers each submission on
-its own."""
+its own; a group fills each submission's queue, and a retry its route's."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from core.connections import connect
 from core.contract import AgentJob
 from core.dramatiq_internals import queue_key
 from core.errors import StateUnavailable
+from core.keys import WAKE_CHANNEL
+from core.retry import retry_failed
 from core.settings import Settings
 from core.store import DeliberationStore
 from harness import servers
@@ -134,3 +136,50 @@ def test_submit_all_answers_each_submission_on_its_own(redis_url: str) -> None:
     assert isinstance(broken, StateUnavailable) and "WRONGTYPE" in str(broken)
     assert other[:2] == (records[3]["id"], True)
     assert queued == 2
+
+
+def test_one_group_fills_each_submission_s_own_queue_and_wakes_each(redis_url: str) -> None:
+    """Routes: the submissions of one group commit go to the queues their records name (the
+    rest to ``RAY_EXECUTOR_QUEUE``), with one wake-up per queue that got messages."""
+    async def scenario(store: DeliberationStore) -> Any:
+        tag = uuid.uuid4().hex[:8]
+        records = [{**new_record(), "queue": f"a{tag}"}, {**new_record(), "queue": f"b{tag}"},
+                   {**new_record(), "queue": f"a{tag}"}, new_record()]
+        woken = store.redis.pubsub()
+        await woken.subscribe(WAKE_CHANNEL)
+        await woken.get_message(timeout=5)  # the subscription's confirmation
+        outcomes = await store.submit_all([(f"task:{r['id']}", r, [job(r["id"])], None)
+                                           for r in records])
+        wakes = set()
+        while True:
+            message = await woken.get_message(ignore_subscribe_messages=True, timeout=1)
+            if message is None:
+                break
+            wakes.add(message["data"])
+        await woken.close()
+        lengths = [await store.redis.llen(queue_key(queue))
+                   for queue in (f"a{tag}", f"b{tag}", store.settings.queue)]
+        return tag, outcomes, lengths, wakes, store.settings.queue
+
+    tag, outcomes, lengths, wakes, default = run(redis_url, scenario)
+    assert all(outcome[1] for outcome in outcomes)
+    assert lengths == [2, 1, 1]
+    assert wakes >= {f"a{tag}", f"b{tag}", default}
+
+
+def test_a_retry_queues_the_failed_agents_on_their_route_s_queue(redis_url: str) -> None:
+    """``core.retry`` requeues on the queue the record names (its route's), not on
+    ``RAY_EXECUTOR_QUEUE``."""
+    async def scenario(store: DeliberationStore) -> Any:
+        record = {**new_record(), "queue": f"r{uuid.uuid4().hex[:8]}"}
+        failed = job(record["id"])
+        await store.submit(f"task:{record['id']}", record, [failed])
+        await store.redis.delete(queue_key(record["queue"]))  # as a worker took it
+        await store.start(failed, 0)
+        await store.finish(failed, {"status": "failed", "error": "boom"})
+        await store.redis.delete(store.keys.outbox)  # as the outbox published its events
+        await retry_failed(store, record["id"], by="test", reason="routes")
+        return [await store.redis.llen(queue_key(queue))
+                for queue in (record["queue"], store.settings.queue)]
+
+    assert run(redis_url, scenario) == [1, 0]

@@ -47,7 +47,7 @@ SECRET_EXAMPLE = ROOT / "k8s" / "secret.example.yaml"
 ADAPTER_VALUES = ROOT / "k8s" / "prometheus-adapter" / "values.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 DEPLOY = ROOT / "docs" / "deploy.md"
-# Settings the chart sets that the README's table may not list yet: the routes (issue 19).
+# Settings the chart sets for the routes (issue 19): the routes file, each worker's route.
 ROUTE_SETTINGS = {"RAY_EXECUTOR_ROUTES_FILE", "RAY_EXECUTOR_ROUTE"}
 # Settings the chart derives per route or from the default route (never in values' config).
 # Settings each worker pod takes from the downward API (its own name), never from the ConfigMap.
@@ -530,7 +530,6 @@ def test_every_variable_is_a_readme_setting_that_parses(
         tools: Path, rendered: Dict[str, List[Doc]], variant: str) -> None:
     Settings, SettingsError = settings_class()
     readme = readme_settings()
-    known = set(readme) | ROUTE_SETTINGS
     secrets = secret_keys(tools)
     docs = rendered[variant]
     config = find(docs, "ConfigMap", f"{FULLNAME}-config")["data"]
@@ -555,7 +554,7 @@ def test_every_variable_is_a_readme_setting_that_parses(
                 env[name] = "redis://:x@redis:6379/0" if name == "REDIS_URL" else \
                     "nats://nats:4222" if name == "NATS_URL" else "PLACEHOLDER"
         problems += [f"{where}: {n} is not in README.md's settings" for n in env
-                     if n not in known]
+                     if n not in readme]
         problems += [f"{where}: required {n} unset" for n in REQUIRED.get(part, ())
                      if not env.get(n)]
         try:
@@ -576,8 +575,7 @@ def test_every_variable_is_a_readme_setting_that_parses(
     values = values_of(tools, variant)["config"]
     assert not set(values) & DERIVED
     assert not set(config) & secrets
-    assert set(config) | secrets | {"RAY_EXECUTOR_ROUTE"} | PER_POD == \
-        set(readme) | ROUTE_SETTINGS
+    assert set(config) | secrets | {"RAY_EXECUTOR_ROUTE"} | PER_POD == set(readme)
 
 
 # --- broken copies fail ---------------------------------------------------------------------------
