@@ -20,7 +20,7 @@ from typing import List, Optional
 
 from actors.connection import RayConnection, RayUnavailable, RayVersionMismatch
 from core import logs
-from core.routes import RoutesError
+from core.routes import Route, RoutesError
 from core.routes import load as load_routes
 from core.settings import Settings
 
@@ -48,10 +48,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
     try:
-        settings = serving(settings)
+        route = load_routes(settings).named(settings.route)
     except RoutesError as exc:
         print(f"ray-executor worker: {exc}", file=sys.stderr)
         return 2
+    logger.info("serving route %s: queue %s", route.name, route.queue)
+    settings = settings.replace(queue=route.queue, ray_address=route.ray_address)
     if not settings.ray_address or not settings.redis_url:
         print("ray-executor worker: RAY_ADDRESS and REDIS_URL are required", file=sys.stderr)
         return 2
@@ -84,19 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     env["dramatiq_prom_port"] = str(settings.worker_metrics_port)
     env["dramatiq_prom_db"] = tempfile.mkdtemp(prefix="rx-metrics-")
     env["dramatiq_prom_lock"] = env["dramatiq_prom_db"] + ".lock"
-    env["dramatiq_queue_prefetch"] = str(queue_prefetch(settings))
+    env["dramatiq_queue_prefetch"] = str(queue_prefetch(settings, route))
     args = dramatiq_argv(settings)
     os.execve(args[0], args, env)
     return 0  # not reached
-
-
-def serving(settings: Settings) -> Settings:
-    """``settings`` with the queue and Ray address of the route the worker serves
-    (``RAY_EXECUTOR_ROUTE``; empty: the default route); ``RoutesError`` names a bad routes
-    file or an unknown route."""
-    route = load_routes(settings).named(settings.route)
-    logger.info("serving route %s: queue %s", route.name, route.queue)
-    return settings.replace(queue=route.queue, ray_address=route.ray_address)
 
 
 def requeue_previous_run(settings: Settings) -> None:
@@ -139,14 +132,15 @@ def port_taken(host: str, port: int) -> str:
     return ""
 
 
-def queue_prefetch(settings: Settings) -> int:
+def queue_prefetch(settings: Settings, route: Route) -> int:
     """Messages each process reserves: ``RAY_EXECUTOR_WORKER_PREFETCH``, or by default the
-    process's share of ``RAY_EXECUTOR_VLLM_CONCURRENCY`` (at most Dramatiq's 2 x threads). A
-    process holding more jobs than the limit lets it run only has the limiter refuse them and
-    put them back through the delay queue, again and again."""
+    process's share of the route's capacity, the sum of its endpoints' concurrency (at most
+    Dramatiq's 2 x threads). A process holding more jobs than its endpoints let run only has
+    the limiter refuse them and put them back through the delay queue, again and again."""
     if settings.worker_prefetch:
         return settings.worker_prefetch
-    share = -(-settings.vllm_concurrency // settings.worker_processes)  # ceiling
+    capacity = sum(endpoint.concurrency for endpoint in route.endpoints)
+    share = -(-capacity // settings.worker_processes)  # ceiling
     return max(1, min(2 * settings.worker_threads, share))
 
 

@@ -204,8 +204,9 @@ class Settings:
     worker_prefetch: int = _setting(
         PREFIX + "WORKER_PREFETCH",
         0,
-        "Messages a process reserves ahead; 0: its share of RAY_EXECUTOR_VLLM_CONCURRENCY "
-        "(at most 2 x threads).",
+        "Messages a process reserves ahead; 0: its share of its route's capacity, the sum of "
+        "the route's endpoint concurrencies (RAY_EXECUTOR_VLLM_CONCURRENCY without a routes "
+        "file), at most 2 x threads.",
         minimum=0,
     )
     worker_poll_ms: int = _setting(

@@ -7,12 +7,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import dramatiq
 
 from actors.__main__ import queue_prefetch
 from actors.broker import WorkerBroker
+from core import routes
 from core.connections import connect
 from core.contract import AgentJob
 from core.keys import WAKE_CHANNEL
@@ -21,12 +22,24 @@ from core.store import DeliberationStore, new_deliberation_id
 from tests.waiting import until
 
 
+def prefetch(**values: Any) -> int:
+    settings = Settings(**values)
+    return queue_prefetch(settings, routes.implicit(settings))
+
+
 def test_prefetch_is_the_process_share_of_the_vllm_limit() -> None:
-    assert queue_prefetch(Settings(vllm_concurrency=64, worker_processes=2)) == 32
-    assert queue_prefetch(Settings(vllm_concurrency=6, worker_processes=4)) == 2  # ceiling
-    assert queue_prefetch(Settings(vllm_concurrency=10_000, worker_processes=1,
-                                   worker_threads=8)) == 16  # at most 2 x threads
-    assert queue_prefetch(Settings(vllm_concurrency=64, worker_prefetch=5)) == 5  # explicit
+    assert prefetch(vllm_concurrency=64, worker_processes=2) == 32
+    assert prefetch(vllm_concurrency=6, worker_processes=4) == 2  # ceiling
+    assert prefetch(vllm_concurrency=10_000, worker_processes=1,
+                    worker_threads=8) == 16  # at most 2 x threads
+    assert prefetch(vllm_concurrency=64, worker_prefetch=5) == 5  # explicit
+
+
+def test_prefetch_of_a_pool_is_the_process_share_of_its_endpoints() -> None:
+    pool = routes.Route(name="p", queue="q", ray_address="ray://r:1", endpoints=(
+        routes.Endpoint("http://a/v1", 3), routes.Endpoint("http://b/v1", 6)), default=True)
+    # 9 slots in the pool, not RAY_EXECUTOR_VLLM_CONCURRENCY's 64.
+    assert queue_prefetch(Settings(vllm_concurrency=64, worker_processes=2), pool) == 5
 
 
 class WatchedEvent(threading.Event):
