@@ -8,7 +8,9 @@ Degraded, with every reason, when:
   ``RAY_EXECUTOR_WORKER_HEARTBEAT_TIMEOUT`` (that route's jobs wait; the workers list
   themselves per queue, ``core.keys.Keys.workers``), each such route named;
 - more than ``DEGRADED_BACKLOG`` messages wait in a route's queue;
-- a vLLM endpoint's circuit is open (``actors.circuit``: its jobs wait for the cooldown).
+- a vLLM endpoint's circuit is open (``actors.circuit``: its jobs wait for the cooldown),
+  and, with a routes file, each route whose endpoints all have open circuits (the pool has
+  nowhere to send its jobs).
 
 The bridge still takes requests while degraded: they wait in Redis for what is missing.
 """
@@ -97,10 +99,15 @@ async def assess(store: DeliberationStore, settings: Settings, nats: Any,
     counts.update(ready=sum(s.ready for s in states), delayed=sum(s.delayed for s in states),
                   dead=sum(s.dead for s in states), routes=states)
     now_ms = time.time() * 1000
-    for endpoint, opened_until in sorted(circuits.items()):
-        if float(opened_until) > now_ms:
-            reasons.append(f"vLLM endpoint {redact(endpoint)}: circuit open for "
-                           f"{(float(opened_until) - now_ms) / 1000:.0f} s more, its jobs wait")
+    opened = {endpoint: float(until) for endpoint, until in circuits.items()
+              if float(until) > now_ms}
+    for endpoint, opened_until in sorted(opened.items()):
+        reasons.append(f"vLLM endpoint {redact(endpoint)}: circuit open for "
+                       f"{(opened_until - now_ms) / 1000:.0f} s more, its jobs wait")
+    for route in routes if named else ():
+        if all(endpoint.url in opened for endpoint in route.endpoints):
+            reasons.append(f"route {route.name!r}: every vLLM endpoint's circuit is open, its "
+                           f"jobs wait")
     return Health(tuple(reasons)), counts
 
 

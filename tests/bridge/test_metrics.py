@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import threading
 import urllib.error
 import urllib.request
-from typing import Any, List, Tuple
+from pathlib import Path
+from typing import Any, Callable, List, Tuple
 
 import dramatiq
 import grpc
@@ -145,32 +147,41 @@ class RedisCalls:
         self.redis(*commands)
 
 
-def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> None:
-    """What the workers' circuit breaker records (``actors.circuit``, driven through the
-    limiter's and its own middleware hooks as a worker's jobs would), as a gauge per endpoint;
-    credentials in an endpoint's URL never reach a label."""
-    settings = Settings(redis_url=redis_url, key_prefix=bridge.prefix, circuit_failures=3)
-    calls = RedisCalls(redis.Redis.from_url(redis_url, decode_responses=True))
-    limiter = ConcurrencyLimiter(settings, calls)  # type: ignore[arg-type]
-    breaker = CircuitBreaker(settings, calls, limiter.chosen)  # type: ignore[arg-type]
-    broker = StubBroker(middleware=[])
-    dramatiq.actor(lambda **job: None, actor_name="vllm_agent", broker=broker)
+class Breakers:
+    """The workers' limiter and circuit breaker (``actors.limits``, ``actors.circuit``) driven
+    through their middleware hooks as a worker's jobs would, each URL a fixed endpoint, on the
+    bridge's key prefix; three failures open a circuit."""
 
-    def job(url: str, cooldown: float) -> dramatiq.Message:
+    def __init__(self, bridge: BridgeProcess, redis_url: str) -> None:
+        settings = Settings(redis_url=redis_url, key_prefix=bridge.prefix, circuit_failures=3)
+        calls = RedisCalls(redis.Redis.from_url(redis_url, decode_responses=True))
+        self.limiter = ConcurrencyLimiter(settings, calls)  # type: ignore[arg-type]
+        self.breaker = CircuitBreaker(settings, calls, self.limiter.chosen)  # type: ignore
+        self.broker = StubBroker(middleware=[])
+        dramatiq.actor(lambda **job: None, actor_name="vllm_agent", broker=self.broker)
+
+    def job(self, url: str, cooldown: float) -> dramatiq.Message:
         return dramatiq.Message(queue_name="default", actor_name="vllm_agent", args=(),
                                 kwargs={"vllm_url": url, "model": "m"},
                                 options={"circuit_cooldown": cooldown})
 
-    def attempt(message: dramatiq.Message, exception: Any = None) -> None:
-        limiter.before_process_message(broker, message)  # takes the endpoint
-        breaker.after_process_message(broker, message, exception=exception)
-        limiter.after_process_message(broker, message, exception=exception)
+    def attempt(self, message: dramatiq.Message, exception: Any = None) -> None:
+        self.limiter.before_process_message(self.broker, message)  # takes the endpoint
+        self.breaker.after_process_message(self.broker, message, exception=exception)
+        self.limiter.after_process_message(self.broker, message, exception=exception)
 
-    def fail(url: str, times: int, cooldown: float = 600) -> None:
+    def fail(self, url: str, times: int, cooldown: float = 600) -> None:
         for _ in range(times):
-            attempt(job(url, cooldown), RetryJob("HTTP 503", delay=100,
-                                                 error_type="unavailable"))
+            self.attempt(self.job(url, cooldown), RetryJob("HTTP 503", delay=100,
+                                                           error_type="unavailable"))
 
+
+def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> None:
+    """What the workers' circuit breaker records (``actors.circuit``, driven through the
+    limiter's and its own middleware hooks as a worker's jobs would), as a gauge per endpoint;
+    credentials in an endpoint's URL never reach a label."""
+    breakers = Breakers(bridge, redis_url)
+    fail, attempt, job = breakers.fail, breakers.attempt, breakers.job
     failing, wobbly, cooling = ("http://user:s3cret@vllm-a:8000/v1", "http://vllm-b:8000/v1",
                                 "http://vllm-c:8000/v1")
     fail(failing, 3)  # open for the next ten minutes
@@ -194,3 +205,29 @@ def test_circuit_state_per_endpoint(bridge: BridgeProcess, redis_url: str) -> No
     text = scrape(bridge)
     assert f'endpoint="{cooling}"' not in text
     assert text.count("ray_executor_circuit_open{") == 2, text
+
+
+def test_a_route_whose_endpoints_all_have_open_circuits_is_named(
+        start_bridge: Callable[..., BridgeProcess], redis_url: str, tmp_path: Path) -> None:
+    """GetStatus says so for a route once every endpoint of its pool has an open circuit;
+    one endpoint open of two leaves the route able to serve."""
+    first, second, other = ("http://vllm-a:8000/v1", "http://vllm-b:8000/v1",
+                            "http://vllm-c:8000/v1")
+    path = tmp_path / "routes.json"
+    path.write_text(json.dumps({"routes": [
+        {"name": "pool", "queue": f"pool-{tmp_path.name}", "match": {"models": ["m"]},
+         "vllm": {"endpoints": [{"url": first}, {"url": second}]}},
+        {"name": "rest", "queue": f"rest-{tmp_path.name}", "match": {"default": True},
+         "vllm": {"endpoints": [{"url": other}]}}]}))
+    bridge = start_bridge(RAY_EXECUTOR_ROUTES_FILE=str(path))
+    breakers = Breakers(bridge, redis_url)
+
+    def message() -> str:
+        return bridge.stub().GetStatus(pb.GetStatusRequest()).message
+
+    breakers.fail(first, 3)
+    assert f"vLLM endpoint {first}: circuit open" in message()
+    assert "every vLLM endpoint" not in message(), message()
+    breakers.fail(second, 3)
+    assert "route 'pool': every vLLM endpoint's circuit is open" in message(), message()
+    assert "route 'rest': every" not in message(), message()
