@@ -30,6 +30,11 @@ class ClusterVersion(NamedTuple):
         assert pin, f"pyproject.toml's {self.extra} extra pins ray[client]"
         return pin.group(1)
 
+    @property
+    def minor(self) -> str:
+        """The Python minor version, as Ray client compares it: ``3.9``."""
+        return f"{self.python[0]}.{self.python[1]}"
+
     def worker_python(self) -> str:
         return environment_python("worker" + self.suffix)
 
@@ -37,7 +42,7 @@ class ClusterVersion(NamedTuple):
         return environment_python("cluster" + self.suffix)
 
     def __str__(self) -> str:
-        return f"Python {self.python[0]}.{self.python[1]} / {self.extra}"
+        return f"Python {self.minor} / {self.extra}"
 
 
 DEFAULT = ClusterVersion("", "worker", (3, 9))
