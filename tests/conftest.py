@@ -83,8 +83,8 @@ def recorder(nats_url: str) -> Iterator[Recorder]:
 
 def environment_python(name: str) -> str:
     """The interpreter of the environment ``.venv-<name>``, which make names in
-    ``RAY_EXECUTOR_<NAME>_PYTHON``."""
-    variable = f"RAY_EXECUTOR_{name.upper()}_PYTHON"
+    ``RAY_EXECUTOR_<NAME>_PYTHON`` (``cluster-next``: ``RAY_EXECUTOR_CLUSTER_NEXT_PYTHON``)."""
+    variable = f"RAY_EXECUTOR_{name.upper().replace('-', '_')}_PYTHON"
     configured = os.environ.get(variable)
     if not configured:
         pytest.fail(f"{variable} must name the {name} environment's python "
@@ -97,12 +97,22 @@ def cluster_python() -> str:
     return environment_python("cluster")
 
 
-@pytest.fixture(scope="session")
-def ray_head(workdir: Path) -> Iterator[servers.Server]:
-    ray_binary = str(Path(cluster_python()).parent / "ray")
-    server = servers.ray_head(_mk(workdir / "ray"), ray_binary)
+def _ray_head(workdir: Path, python: str) -> Iterator[servers.Server]:
+    server = servers.ray_head(_mk(workdir), str(Path(python).parent / "ray"))
     yield server.start(timeout=120)
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_head(workdir: Path) -> Iterator[servers.Server]:
+    yield from _ray_head(workdir / "ray", cluster_python())
+
+
+@pytest.fixture(scope="session")
+def ray_head_next(workdir: Path) -> Iterator[servers.Server]:
+    """A head of the newer cluster (``.venv-cluster-next``: Python 3.13, the ``worker-next``
+    extra's Ray), beside the default one."""
+    yield from _ray_head(workdir / "ray-next", environment_python("cluster-next"))
 
 
 @pytest.fixture(scope="session")

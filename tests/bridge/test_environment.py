@@ -1,6 +1,7 @@
 """The environments: the bridge's has no Ray and imports every ingress, core and harness
-module; the cluster's (what the Ray image holds) is Ray's own packages plus the cluster extra
-and imports every cluster module; generated code comes from a wheel."""
+module; for each cluster version (``tests.clusters``), the cluster's (what the Ray image holds)
+is Ray's own packages plus the cluster extra and imports every cluster module, and the
+workers' is that cluster's Python and Ray; generated code comes from a wheel."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import bridge
 import core
 import harness
-from tests.conftest import cluster_python
+from tests.clusters import VERSIONS, ClusterVersion
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,14 +37,21 @@ def test_every_bridge_core_and_harness_module_imports_without_ray() -> None:
     assert "ray" not in sys.modules
 
 
-def freeze(name: str) -> dict:
-    lines = (Path(cluster_python()).parents[1] / name).read_text().split()
+def freeze(version: ClusterVersion, name: str) -> dict:
+    lines = (Path(version.cluster_python()).parents[1] / name).read_text().split()
     return dict(line.split("==", 1) for line in lines if "==" in line)
 
 
-def test_the_cluster_extra_leaves_rays_packages_as_ray_installed_them() -> None:
-    ray_only, with_extra = freeze("ray-freeze.txt"), freeze("cluster-freeze.txt")
+each_version = pytest.mark.parametrize("version", VERSIONS, ids=str)
+
+
+@each_version
+def test_the_cluster_extra_leaves_rays_packages_as_ray_installed_them(
+        version: ClusterVersion) -> None:
+    ray_only = freeze(version, "ray-freeze.txt")
+    with_extra = freeze(version, "cluster-freeze.txt")
     assert {"ray", "grpcio", "protobuf"} <= set(ray_only)
+    assert ray_only["ray"] == version.ray
     assert {name: with_extra.get(name) for name in ray_only} == ray_only, \
         "installing the cluster extra changed a package Ray installed"
     added = {name.lower().replace("_", "-") for name in set(with_extra) - set(ray_only)}
@@ -52,7 +60,9 @@ def test_the_cluster_extra_leaves_rays_packages_as_ray_installed_them() -> None:
                         "dramatiq-dashboard", "prometheus-client"}, added
 
 
-def test_every_cluster_module_imports_in_the_cluster_environment() -> None:
+@each_version
+def test_every_cluster_module_imports_in_the_cluster_environment(
+        version: ClusterVersion) -> None:
     """The modules Ray unpickles on the cluster import with Ray and the cluster extra alone,
     and load no Dramatiq, Redis, NATS or worker code doing it."""
     code = (
@@ -67,12 +77,23 @@ def test_every_cluster_module_imports_in_the_cluster_environment() -> None:
         " 'dramatiq_dashboard', 'prometheus_client'}))\n"
         "import ray; print(ray.__version__, sys.version_info[:2])\n"
     )
-    out = subprocess.run([cluster_python(), "-c", code], check=True, capture_output=True,
-                         text=True, cwd=ROOT).stdout.splitlines()
+    out = subprocess.run([version.cluster_python(), "-c", code], check=True,
+                         capture_output=True, text=True, cwd=ROOT).stdout.splitlines()
     assert "cluster.runner" in out[0] and "cluster.vllm" in out[0]
     assert out[1] == "[]", f"cluster code loaded {out[1]}"
-    ray_version = freeze("ray-freeze.txt")["ray"]
-    assert out[2] == f"{ray_version} (3, 9)"
+    assert out[2] == f"{version.ray} {version.python}"
+
+
+@each_version
+def test_the_worker_environment_is_its_clusters_python_and_ray(version: ClusterVersion) -> None:
+    """Ray client connects only when the worker runs its cluster's Python minor and Ray, so
+    each cluster version's worker environment is built on that Python with that Ray, and runs
+    the worker's code there (Dramatiq included: core.dramatiq_internals checks its release)."""
+    code = ("import sys, ray, actors.worker, core.dramatiq_internals\n"
+            "print(ray.__version__, tuple(sys.version_info[:2]))\n")
+    out = subprocess.run([version.worker_python(), "-c", code], check=True, capture_output=True,
+                         text=True, cwd=ROOT).stdout.splitlines()
+    assert out[-1] == f"{version.ray} {version.python}"
 
 
 def test_generated_protobuf_imports_from_an_installed_wheel(tmp_path: Path) -> None:
