@@ -36,11 +36,13 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     HOME=/tmp
-# The `worker` extra is `bridge` + ray[client] pinned to the default cluster + aiohttp. Ray is
-# installed here from RAY_VERSION instead, so a build for another cluster does not fight the
-# extra's pin; the rest of the extra is listed as it is in pyproject.toml (a test checks).
+# The `worker` extra is `core` + `cluster` + ray[client] pinned to the default cluster (the
+# `worker-next` extra: the same with the newer cluster's Ray). Ray is installed here from
+# RAY_VERSION instead, so one Dockerfile builds the worker of any cluster, e.g. the newer one:
+#   --build-arg PYTHON_VERSION=3.13 --build-arg RAY_VERSION=2.60.0
+# The rest of the extra is listed as it is in pyproject.toml (a test checks).
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    pip install "$(ls /wheels/ray_executor-*.whl)[worker,tracing]" "ray[client]==${RAY_VERSION}" \
+    pip install "$(ls /wheels/ray_executor-*.whl)[core,cluster,tracing]" "ray[client]==${RAY_VERSION}" \
     && groupadd --gid 1000 rx \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin rx
 USER 1000:1000

@@ -305,8 +305,13 @@ def test_images_match_the_cluster_and_the_package() -> None:
     ray_version = ray_pin.split("==")[1]
     # Each image installs its role's extra (with the tracing SDK where we make spans): the Ray
     # image only the cluster code's, so Ray's own grpcio and protobuf stay as Ray installed them.
-    extras = {"bridge.Dockerfile": "[bridge,tracing]", "worker.Dockerfile": "[worker,tracing]",
-              "ray-head.Dockerfile": "[cluster]"}
+    # The worker image lists its extra's parts and takes Ray from RAY_VERSION, so one
+    # Dockerfile builds the worker of either cluster version (worker and worker-next).
+    for name in ("worker", "worker-next"):
+        assert [r for r in pyproject["project"]["optional-dependencies"][name]
+                if not r.startswith("ray[client]==")] == ["ray-executor[core,cluster]"], name
+    extras = {"bridge.Dockerfile": "[bridge,tracing]",
+              "worker.Dockerfile": "[core,cluster,tracing]", "ray-head.Dockerfile": "[cluster]"}
     for name, extra in extras.items():
         info = dockerfile(name)
         stages = info["stages"]
