@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict
 
+import grpc
 import pytest
 import redis
 
@@ -36,18 +37,19 @@ def test_one_bridge_routes_jobs_to_both_clusters(start_bridge: Any, start_worker
                                                  standin: Any,
                                                  heads: Dict[ClusterVersion, str],
                                                  tmp_path: Path) -> None:
-    """Requests for ``new-model`` take the route ``next`` (its queue, the newer head, workers
-    built for that head); the rest take the default route (the default head). Both
-    deliberations complete, and each agent's result names the Python and Ray it ran on: its
+    """Route ``next`` (its queue, the newer head, workers built for that head) takes requests
+    whose metadata says ``cluster=next``; route ``old`` (the default head) those asking for
+    ``old-model``. No default: a request neither names is refused at the ingress. Each
+    deliberation completes, and each agent's result names the Python and Ray it ran on: its
     route's cluster's."""
     tag = uuid.uuid4().hex[:8]
     queues = {DEFAULT: f"old_{tag}", NEXT: f"next_{tag}"}
     endpoints = {"endpoints": [{"url": standin.url, "concurrency": 8}]}
     routes = {"routes": [
         {"name": "next", "queue": queues[NEXT], "ray_address": heads[NEXT],
-         "match": {"models": ["new-model"]}, "vllm": endpoints},
+         "match": {"metadata": {"cluster": "next"}}, "vllm": endpoints},
         {"name": "old", "queue": queues[DEFAULT], "ray_address": heads[DEFAULT],
-         "match": {"default": True}, "vllm": endpoints}]}
+         "match": {"models": ["old-model"]}, "vllm": endpoints}]}
     routes_file = tmp_path / "routes.json"
     routes_file.write_text(json.dumps(routes))
     bridge = start_bridge(RAY_EXECUTOR_ROUTES_FILE=str(routes_file), VLLM_URL=standin.url,
@@ -58,20 +60,32 @@ def test_one_bridge_routes_jobs_to_both_clusters(start_bridge: Any, start_worker
     # client server forwards to the other head's (seen: the 3.13 worker refused as a client of
     # the 3.9 head it was not pointed at). A port held by a live session is skipped.
     for version, route in ((DEFAULT, "old"), (NEXT, "next")):
+        # RAY_ADDRESS and the queue of the other cluster: only the route can send the group
+        # to its own.
+        other = NEXT if version is DEFAULT else DEFAULT
         group = start_worker(bridge, [version.worker_python(), "-m", "actors"],
-                             RAY_ADDRESS=heads[version], RAY_EXECUTOR_QUEUE=queues[version],
+                             RAY_ADDRESS=heads[other], RAY_EXECUTOR_QUEUE=queues[other],
                              RAY_EXECUTOR_ROUTE=route)
         until(lambda group=group: ray_connected(group), f"the {version} workers on Ray", 120)
 
     async def scenario() -> Dict[ClusterVersion, str]:
         asked = {}
         async with RayExecutorClient(bridge.address) as client:
-            for version, model in ((NEXT, "new-model"), (DEFAULT, "standin-model")):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.execute_deliberation(
+                    task_id=f"two-clusters-none-{tag}", role="DEV", task_description="x",
+                    vllm_model="standin-model", agents=[("dev-1", "DEV")])
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no route takes model 'standin-model'" in str(refused.value.details())
+            # By metadata to the newer cluster; by model to the default one.
+            for version, model, metadata in ((NEXT, "standin-model", {"cluster": "next"}),
+                                             (DEFAULT, "old-model", {})):
                 submitted = await client.execute_deliberation(
                     task_id=f"two-clusters-{version.extra}-{tag}", role="DEV",
                     task_description="Plan the migration", vllm_model=model,
                     agents=[("dev-1", "DEV"), ("qa-1", "QA")],
-                    constraints={"timeout_seconds": 60, "max_retries": 2})
+                    constraints={"timeout_seconds": 60, "max_retries": 2,
+                                 "metadata": metadata})
                 asked[version] = submitted.deliberation_id
             for version, deliberation_id in asked.items():
                 final = await client.wait(deliberation_id, timeout=180)
