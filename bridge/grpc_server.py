@@ -56,6 +56,10 @@ def _result(agent: Dict[str, Any]) -> pb.DeliberationResult:
     metadata = {"role": agent.get("role", ""), "model": result.get("model", ""),
                 "tokens": str(result.get("tokens", 0)),
                 "duration_ms": str(agent.get("duration_ms", 0))}
+    # Where it ran (cluster.agents): with routes to several clusters, which one ran the job.
+    for key in ("ray_version", "python_version"):
+        if result.get(key):
+            metadata[key] = str(result[key])
     return pb.DeliberationResult(
         agent_id=agent["agent_id"], proposal=result.get("content", ""),
         reasoning=result.get("reasoning", ""), score=float(result.get("score") or 0.0),

@@ -91,6 +91,10 @@ def test_one_bridge_routes_jobs_to_both_clusters(start_bridge: Any, start_worker
                 final = await client.wait(deliberation_id, timeout=180)
                 assert (final.status, final.completed_agents) == ("completed", 2), \
                     (str(version), final)
+                # GetDeliberationStatus says where each agent ran.
+                assert {(r.metadata["python_version"].rsplit(".", 1)[0],
+                         r.metadata["ray_version"]) for r in final.results} == \
+                    {(version.minor, version.ray)}, (str(version), final.results)
         return asked
 
     asked = asyncio.run(scenario())
