@@ -96,6 +96,13 @@ def serving(settings: Settings) -> Settings:
     file or an unknown route."""
     route = load_routes(settings).named(settings.route)
     logger.info("serving route %s: queue %s", route.name, route.queue)
+    if any("{node_ip}" in endpoint.url for endpoint in route.endpoints) and \
+            not route.node_resource:
+        # Warned, not refused: on a one-node cluster, or one where every node has a vLLM, the
+        # URL is right without a resource (and the implicit route has no way to name one).
+        logger.warning("route %s calls vLLM at {node_ip} without vllm.node_resource: its "
+                       "runners may land on the head or a node without a vLLM (docs/deploy.md,"
+                       " Routes)", route.name)
     return settings.replace(queue=route.queue, ray_address=route.ray_address)
 
 
