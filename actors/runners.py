@@ -236,7 +236,8 @@ class RayRunners:
         """Run ``job`` on the cluster, awaiting its outcome on the process's event loop;
         ``on_progress`` gets its partial output (text since the last call), in order.
 
-        Raises the job's own error, ``JobTimeout``, ``JobCancelled`` or ``RayLost``.
+        Raises the job's own error, ``JobTimeout``, ``JobCancelled``, ``RayLost`` or
+        ``RunnerUnplaced`` (no node took its runner within the job's time limit).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + job.timeout_seconds  # the runner's placement counts too
