@@ -48,11 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     settings = Settings.from_env()
     logs.configure(settings.log_level, settings.log_format)
     try:
-        route = load_routes(settings).named(settings.route)
+        route = serving(settings)
     except RoutesError as exc:
         print(f"ray-executor worker: {exc}", file=sys.stderr)
         return 2
-    logger.info("serving route %s: queue %s", route.name, route.queue)
     settings = settings.replace(queue=route.queue, ray_address=route.ray_address)
     if not settings.ray_address or not settings.redis_url:
         print("ray-executor worker: RAY_ADDRESS and REDIS_URL are required", file=sys.stderr)
@@ -90,6 +89,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = dramatiq_argv(settings)
     os.execve(args[0], args, env)
     return 0  # not reached
+
+
+def serving(settings: Settings) -> Route:
+    """The route the worker serves (``RAY_EXECUTOR_ROUTE``; empty: the default route);
+    ``RoutesError`` names a bad routes file or an unknown route."""
+    route = load_routes(settings).named(settings.route)
+    logger.info("serving route %s: queue %s", route.name, route.queue)
+    if any("{node_ip}" in endpoint.url for endpoint in route.endpoints) and \
+            not route.node_resource:
+        # Warned, not refused: on a one-node cluster, or one where every node has a vLLM, the
+        # URL is right without a resource (and the implicit route has no way to name one).
+        logger.warning("route %s calls vLLM at {node_ip} without vllm.node_resource: its "
+                       "runners may land on the head or a node without a vLLM (docs/deploy.md,"
+                       " Routes)", route.name)
+    return route
 
 
 def requeue_previous_run(settings: Settings) -> None:

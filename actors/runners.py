@@ -13,6 +13,11 @@ reach a runner in batches and their outcomes come back in batches:
   asyncio task on the cluster through ``Runner.cancel``, which closes its HTTP request.
 - A job's partial output (streamed pieces, batched on the cluster) comes back with the
   outcomes and goes to the job's ``on_progress`` callback, in order, before its outcome.
+- A route whose vLLM runs beside the Ray workers (``{node_ip}`` URLs) names the Ray resource
+  those nodes advertise (``vllm.node_resource``); its runners ask for a sliver of it, so Ray
+  places them only there. A runner no node takes stays pending (an autoscaler sees the
+  demand, a node that joins takes it), and each job waits for it within its own time limit,
+  then fails as retryable ``unavailable`` (``RunnerUnplaced``) naming what is missing.
 """
 
 from __future__ import annotations
@@ -30,11 +35,16 @@ from actors.connection import RayConnection
 from cluster.kinds import JobKind
 from cluster.runner import Runner
 from core.contract import AgentJob
-from core.errors import JobCancelled, JobTimeout, RayLost
+from core.errors import JobCancelled, JobTimeout, RayLost, RunnerUnplaced
 
 logger = logging.getLogger("ray_executor.runner")
 CANCEL_POLL = 2.0  # seconds between checks that the job's deliberation was not cancelled
 COLLECT_POLL = 1.0  # longest a Runner.collect call waits for an outcome
+READY_TIMEOUT = 120.0  # longest one wait for a runner to be placed and ready
+# The node resource marks the nodes that have a local vLLM; it is not a capacity. A runner
+# takes this sliver of it so that the runners of every worker process and kind fit on one
+# node (a node advertising 1 holds 1,000): the endpoints' own limits bound the calls.
+NODE_RESOURCE_SHARE = 0.001
 
 
 class RunnerCalls:
@@ -204,13 +214,19 @@ class RayRunners:
       ray: the process's Ray client connection.
       progress_interval, progress_pieces: how the runners batch partial output
         (``cluster.runner.Runner``).
+      node_resource: the Ray resource of the nodes the runners must run on (the route's
+        ``vllm.node_resource``); empty: any node.
     """
 
     def __init__(self, ray: RayConnection, progress_interval: float = 0.25,
-                 progress_pieces: int = 64) -> None:
+                 progress_pieces: int = 64, node_resource: str = "") -> None:
         self.ray = ray
         self.progress = (progress_interval, progress_pieces)
+        self.node_resource = node_resource
         self.handles: Dict[str, Any] = {}
+        # Runners created but not placed yet, by kind: (handle, its ready ref). Kept across
+        # jobs until placed, so the cluster holds one request per kind, not one per job.
+        self.pending: Dict[str, Tuple[Any, Any]] = {}
         self.lock = threading.Lock()
         self.calls: Dict[str, RunnerCalls] = {}  # by kind; used on the loop only
 
@@ -220,16 +236,19 @@ class RayRunners:
         """Run ``job`` on the cluster, awaiting its outcome on the process's event loop;
         ``on_progress`` gets its partial output (text since the last call), in order.
 
-        Raises the job's own error, ``JobTimeout``, ``JobCancelled`` or ``RayLost``.
+        Raises the job's own error, ``JobTimeout``, ``JobCancelled``, ``RayLost`` or
+        ``RunnerUnplaced`` (no node took its runner within the job's time limit).
         """
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + job.timeout_seconds  # the runner's placement counts too
         try:
-            calls = await self._calls(kind)
+            calls = await self._calls(kind, min(READY_TIMEOUT, job.timeout_seconds))
             key, outcome = calls.submit(job, on_progress)
-        except Exception as exc:  # any failure to hand the job over means the client is gone
+        except RunnerUnplaced:
+            raise  # the connection is fine; the runner stays pending
+        except Exception as exc:  # any other failure to hand the job over: the client is gone
             self._reset()
             raise RayLost(f"cannot submit to Ray: {type(exc).__name__}: {exc}") from exc
-        deadline = loop.time() + job.timeout_seconds
         try:
             while True:
                 remaining = deadline - loop.time()
@@ -244,10 +263,11 @@ class RayRunners:
             # A no-op once settled; after a timeout or a cancellation, stops the job on Ray.
             calls.cancel(key)
 
-    async def _calls(self, kind: JobKind) -> RunnerCalls:
+    async def _calls(self, kind: JobKind, wait: float) -> RunnerCalls:
         handle = self.handles.get(kind.name)
         if handle is None or not self.ray.connected:  # connect/create off the loop
-            handle = await asyncio.get_running_loop().run_in_executor(None, self._runner, kind)
+            handle = await asyncio.get_running_loop().run_in_executor(
+                None, self._runner, kind, wait)
         calls = self.calls.get(kind.name)
         if calls is None or calls.handle is not handle or calls.broken:
             calls = RunnerCalls(handle, lambda error: self._lost(kind, handle, error))
@@ -266,27 +286,67 @@ class RayRunners:
         logger.warning("runner for %s lost: %s: %s", kind.name, type(error).__name__, error)
 
     def warm(self, kind: JobKind) -> None:
-        """Create the runner of ``kind`` now rather than on its first job."""
-        self._runner(kind)
+        """Create the runner of ``kind`` now rather than on its first job. When no node
+        advertises the route's resource, raises ``RunnerUnplaced`` at once (the runner stays
+        pending) rather than holding up the worker's boot."""
+        import ray
 
-    def _runner(self, kind: JobKind) -> Any:
+        self.ray.ensure()
+        advertised = not self.node_resource or ray.cluster_resources().get(self.node_resource)
+        self._runner(kind, READY_TIMEOUT if advertised else 0)
+
+    def ray_options(self, kind: JobKind) -> Dict[str, Any]:
+        """``kind``'s runner options, asking for a sliver of the route's node resource."""
+        if not self.node_resource:
+            return kind.ray_options
+        resources = dict(kind.ray_options.get("resources") or {})
+        resources.setdefault(self.node_resource, NODE_RESOURCE_SHARE)
+        return {**kind.ray_options, "resources": resources}
+
+    def _runner(self, kind: JobKind, wait: float) -> Any:
+        """``kind``'s runner, created (or its pending one awaited) for at most ``wait``
+        seconds from now; ``RunnerUnplaced`` when no node has taken it by then."""
+        until = time.monotonic() + wait
         with self.lock:
             handle = self.handles.get(kind.name)
             if handle is not None and self.ray.connected:
                 return handle
             import ray
+            from ray.exceptions import GetTimeoutError
 
             self.ray.ensure()
             started = time.monotonic()
-            remote = ray.remote(Runner).options(**kind.ray_options)
-            handle = remote.remote(kind.function, *self.progress)
-            ray.get(handle.ready.remote(), timeout=120)
+            options = self.ray_options(kind)
+            if kind.name not in self.pending:
+                handle = ray.remote(Runner).options(**options).remote(
+                    kind.function, *self.progress)
+                self.pending[kind.name] = (handle, handle.ready.remote())
+            handle, ready = self.pending[kind.name]
+            try:
+                ray.get(ready, timeout=max(0.0, until - time.monotonic()))
+            except GetTimeoutError:
+                raise self._unplaced(kind, options) from None
+            except Exception:  # it died: the next job creates another
+                del self.pending[kind.name]
+                raise
+            del self.pending[kind.name]
             logger.info("runner for %s ready in %.2fs (%s)", kind.name,
-                        time.monotonic() - started, kind.ray_options)
+                        time.monotonic() - started, options)
             self.handles[kind.name] = handle
             return handle
+
+    def _unplaced(self, kind: JobKind, options: Dict[str, Any]) -> RunnerUnplaced:
+        import ray
+
+        if self.node_resource and not ray.cluster_resources().get(self.node_resource):
+            return RunnerUnplaced(
+                f"no Ray node advertises resource {self.node_resource!r} (the route's "
+                f"vllm.node_resource): the {kind.name} runner cannot be placed")
+        return RunnerUnplaced(f"no Ray node has taken the {kind.name} runner yet: the cluster "
+                              f"is short of what it asks for ({options})")
 
     def _reset(self) -> None:
         with self.lock:
             self.handles.clear()
+            self.pending.clear()
         self.ray.disconnect()

@@ -24,7 +24,7 @@ from actors import metrics
 from actors.connection import RayConnection
 from actors.runners import RayRunners
 from cluster.kinds import KINDS
-from core import dramatiq_internals, tracing
+from core import dramatiq_internals, routes, tracing
 from core.connections import connect
 from core.contract import Subjects
 from core.keys import Keys
@@ -52,7 +52,8 @@ class WorkerRuntime(dramatiq.Middleware):
         self.outbox: Optional[Outbox] = None
         self.ray = RayConnection(settings.ray_address, namespace=settings.ray_namespace)
         self.runners = RayRunners(self.ray, settings.progress_interval_ms / 1000,
-                                  settings.progress_tokens)
+                                  settings.progress_tokens,
+                                  routes.load(settings).named(settings.route).node_resource)
         self.keys = Keys(settings.key_prefix)
         self._stop = threading.Event()
         self._async_stop: Optional[asyncio.Event] = None

@@ -105,6 +105,14 @@ class RayLost(ClassifiedError):
     retryable = True
 
 
+class RunnerUnplaced(ClassifiedError):
+    """No Ray node could take the job's runner in time, e.g. none advertises the route's
+    ``vllm.node_resource``: the endpoint is out of reach, so it counts as ``unavailable``."""
+
+    error_type = UNAVAILABLE
+    retryable = True
+
+
 class StateUnavailable(ClassifiedError, ConnectionError):
     """Redis could not be reached; nothing was changed."""
 

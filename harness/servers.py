@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 logger = logging.getLogger("ray_executor.servers")
 
@@ -182,9 +182,15 @@ def nats(workdir: Path, port: Optional[int] = None, *, extra_args: Iterable[str]
 
 
 def ray_head(workdir: Path, ray_binary: str, *, client_port: Optional[int] = None,
-             num_cpus: int = 2, object_store_mb: int = 256) -> Server:
-    """A Ray head with its client server, run by ``ray start --block`` from ``ray_binary``."""
-    return RayHead(workdir, ray_binary, client_port or free_port(), num_cpus, object_store_mb)
+             num_cpus: int = 2, object_store_mb: int = 256,
+             resources: Optional[Dict[str, float]] = None) -> Server:
+    """A Ray head with its client server, run by ``ray start --block`` from ``ray_binary``;
+    ``resources``: the custom resources it advertises (``--resources``), e.g. ``{"vllm": 1}``
+    for a node with a local vLLM (a route's ``vllm.node_resource``). Its node IP (what
+    ``{node_ip}`` becomes) is this machine's outward address even on loopback: Ray replaces
+    127.0.0.1 by it."""
+    return RayHead(workdir, ray_binary, client_port or free_port(), num_cpus, object_store_mb,
+                   resources or {})
 
 
 class RayHead(Server):
@@ -196,7 +202,7 @@ class RayHead(Server):
     ATTEMPTS = 3
 
     def __init__(self, workdir: Path, ray_binary: str, client_port: int, num_cpus: int,
-                 object_store_mb: int) -> None:
+                 object_store_mb: int, resources: Optional[Dict[str, float]] = None) -> None:
         # Without gRPC's fork handlers: with them, the client server's proxier (a gRPC server
         # that forks each client's specific server) sometimes kills the child in gRPC's poller
         # ("Check failed: next_worker->state == KICKED"), and that client waits 30 s to fail
@@ -207,6 +213,8 @@ class RayHead(Server):
         self.ray_binary = ray_binary
         self.resources = [f"--num-cpus={num_cpus}",
                           f"--object-store-memory={object_store_mb * 1024 * 1024}"]
+        if resources:
+            self.resources.append(f"--resources={json.dumps(resources)}")
 
     def start(self, timeout: float = 30.0) -> Server:
         for attempt in range(1, self.ATTEMPTS):
