@@ -99,7 +99,7 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
                 finished=timestamp(summary["finished_ms"]),
                 total_agents=int(summary["num_agents"] or 0),
                 completed_agents=int(summary["completed"] or 0),
-                failed_agents=int(summary["failed"] or 0), route=summary["route"] or "")
+                failed_agents=int(summary["failed"] or 0), route=summary["route"] or self.unrouted)
             for summary in found])
 
     async def GetRoutes(self, request: ops.GetRoutesRequest,

@@ -75,8 +75,9 @@ def test_listing_by_route(start_bridge: Callable[..., BridgeProcess], redis_url:
 
     assert sorted(d.deliberation_id for d in listed(bridge, route="pool")) == sorted(pooled)
     assert {d.route for d in listed(bridge, route="pool")} == {"pool"}
-    assert sorted(d.deliberation_id for d in listed(bridge, route="rest")) == \
-        sorted([*rest, older])
+    by_route = listed(bridge, route="rest")
+    assert sorted(d.deliberation_id for d in by_route) == sorted([*rest, older])
+    assert {d.route for d in by_route} == {"rest"}  # the old one's: its queue's route
     assert listed(bridge, route="rest", model="m-pool") == []
     assert listed(bridge, route="nowhere") == []
     assert len(submit_many(bridge, 2)) == 2  # the stock request: model test-model, route rest
