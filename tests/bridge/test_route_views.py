@@ -16,9 +16,12 @@ import redis
 
 from actors.runtime import WorkerRuntime
 from bridge.client import RayExecutorClient
+from core.connections import connect
+from core.contract import AgentJob
 from core.keys import Keys
 from core.logs import redact
 from core.settings import Settings
+from core.store import DeliberationStore
 from ray_executor.v1 import operations_pb2 as ops
 from tests.bridge.conftest import CLI, BridgeProcess, request
 from tests.bridge.test_listing import submit_many
@@ -64,6 +67,22 @@ def beat(bridge: BridgeProcess, client: redis.Redis, queue: str) -> None:
     WorkerRuntime._announce(runtime, broker, int(time.time() * 1000))  # type: ignore[arg-type]
 
 
+def start_one(bridge: BridgeProcess, client: redis.Redis, queue: str) -> None:
+    """One job of ``queue`` begun with the store's own start script, as a worker begins it
+    (its agent running, until it finishes)."""
+    kwargs = json.loads(next(iter(client.hvals(f"dramatiq:{queue}.msgs"))))["kwargs"]
+
+    async def start() -> None:
+        connection = connect(bridge.env["REDIS_URL"])
+        try:
+            store = DeliberationStore(connection, Settings.from_env(bridge.env))
+            assert (await store.start(AgentJob.from_kwargs(kwargs), 0))[0] == "run"
+        finally:
+            await connection.close()
+
+    asyncio.run(start())
+
+
 def test_listing_by_route(start_bridge: Callable[..., BridgeProcess], redis_url: str,
                           tmp_path: Path) -> None:
     bridge = two_routes(start_bridge, tmp_path)
@@ -105,6 +124,7 @@ def test_routes_show_queues_workers_slots_and_circuits(
     pool_queue = json.loads(Path(bridge.env["RAY_EXECUTOR_ROUTES_FILE"]).read_text()
                             )["routes"][0]["queue"]
     beat(bridge, client, pool_queue)
+    start_one(bridge, client, pool_queue)
     breakers = Breakers(bridge, redis_url)
     breakers.fail(FIRST, 3)  # open for ten minutes
     breakers.fail(OTHER, 1)  # a failure recorded, still closed
@@ -117,7 +137,7 @@ def test_routes_show_queues_workers_slots_and_circuits(
 
     found: Dict[str, ops.RouteState] = {r.name: r for r in asyncio.run(main()).routes}
     pool, rest = found["pool"], found["rest"]
-    assert (pool.queue, pool.ready, pool.workers, pool.running) == (pool_queue, 3, 1, 0)
+    assert (pool.queue, pool.ready, pool.workers, pool.running) == (pool_queue, 3, 1, 1)
     assert (rest.ready, rest.workers) == (1, 0)
     first, second = pool.endpoints
     assert (first.url, first.circuit, first.failures) == (redact(FIRST), "open", 3)
@@ -130,7 +150,7 @@ def test_routes_show_queues_workers_slots_and_circuits(
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == (f"route pool (queue {pool_queue}): 1 workers, 3 ready, 0 delayed, "
-                        "0 dead, 0 running"), lines
+                        "0 dead, 1 running"), lines
     assert lines[1].startswith(f"  {redact(FIRST)}: 0/2 slots, circuit open for "), lines
     assert lines[2] == f"  {SECOND}: 1/3 slots, circuit closed (0 failures)", lines
     assert lines[3].startswith("route rest ") and " 0 workers, 1 ready," in lines[3], lines
