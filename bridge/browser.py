@@ -12,8 +12,10 @@ server-sent events.
 Routes (``GET`` unless noted):
 
 - ``/deliberations``: newest first; filters ``status``, ``task_id``, ``story_id``, ``model``,
-  ``after``/``before`` (ISO 8601, UTC unless a zone is given); ``size`` (page size) and
-  ``page`` (the token of the next page); queue depth and agent jobs in flight above.
+  ``route``, ``after``/``before`` (ISO 8601, UTC unless a zone is given); ``size`` (page
+  size) and ``page`` (the token of the next page); above it, per route (``GetRoutes``) its
+  queue depth, live workers and jobs running, each endpoint's slots and circuit, and the
+  last hour's plots.
 - ``/deliberations/<id>``: its agents; ``?part=state`` is the block live updates replace;
   ``/deliberations/<id>/events``: its lifecycle events as ``text/event-stream``.
 - ``POST /deliberations/<id>/cancel`` and ``/retry``, ``POST /dead-letters/<seq>/replay``: a
@@ -143,23 +145,23 @@ class Browser:
         request = ops.ListDeliberationsRequest(
             status=query.get("status", ""), task_id=query.get("task_id", ""),
             story_id=query.get("story_id", ""), model=query.get("model", ""),
-            page_size=_number(query, "size"), page_token=query.get("page", ""))
+            route=query.get("route", ""), page_size=_number(query, "size"),
+            page_token=query.get("page", ""))
         for name, field in (("after", request.created_after),
                             ("before", request.created_before)):
             if query.get(name):
                 field.CopyFrom(_time(name, query[name]))
         found = self._call(self._ops.ListDeliberations, request)
         status = self._call(self._main.GetStatus, pb.GetStatusRequest(include_stats=True))
-        jobs = self._call(self._main.GetActiveJobs, pb.GetActiveJobsRequest()).jobs
-        in_flight = sum(1 for job in jobs if job.status == "running")
+        routes = self._call(self._ops.GetRoutes, ops.GetRoutesRequest()).routes
         filters = {k: v for k, v in query.items() if k in (*pages.FILTERS, "size", "page")}
-        plot = "" if request.page_token else self._hour()
-        return _html(start_response, pages.deliberations(found, filters, status, in_flight,
+        plot = "" if request.page_token else self._hour([route.name for route in routes])
+        return _html(start_response, pages.deliberations(found, filters, status, routes,
                                                          plot, query.get("notice", "")))
 
-    def _hour(self) -> str:
-        """The last hour's plot (``browser_plot``), from at most ``PLOT_PAGES`` pages of the
-        deliberations created in it."""
+    def _hour(self, routes: List[str]) -> str:
+        """The last hour's plots (``browser_plot``: all, and per route), from at most
+        ``PLOT_PAGES`` pages of the deliberations created in it."""
         now_ms = contract.now_ms()
         request = ops.ListDeliberationsRequest(page_size=MAX_PAGE)
         request.created_after.FromMilliseconds(now_ms - browser_plot.HOUR_MS)
@@ -170,7 +172,7 @@ class Browser:
             request.page_token = page.next_page_token
             if not request.page_token:
                 break
-        return browser_plot.svg(found, now_ms, complete=not request.page_token)
+        return browser_plot.per_route(found, now_ms, not request.page_token, routes)
 
     def _status(self, deliberation_id: str) -> pb.GetDeliberationStatusResponse:
         status = self._call(self._main.GetDeliberationStatus,

@@ -18,7 +18,7 @@ from core import contract
 from ray_executor.v1 import operations_pb2 as ops
 from ray_executor.v1 import ray_executor_pb2 as pb
 
-FILTERS = ("status", "task_id", "story_id", "model", "after", "before")
+FILTERS = ("status", "route", "task_id", "story_id", "model", "after", "before")
 STATUSES = ("", contract.QUEUED, contract.RUNNING, *contract.FINAL_STATUSES)
 
 _STYLE = """
@@ -76,34 +76,40 @@ def _action(path: str, label: str, hint: str) -> str:
 # --- the list of deliberations ---
 
 
+def _select(name: str, choices: Sequence[str], chosen: str) -> str:
+    options = "".join(f'<option{" selected" if c == chosen else ""}>{escape(c)}</option>'
+                      for c in ("", *choices))
+    return f'<label>{name} <select name="{name}">{options}</select></label> '
+
+
 def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
-                  service: pb.GetStatusResponse, in_flight: int, plot: str = "",
-                  notice: str = "") -> str:
-    """The list page: the service's health and queue above; ``plot`` (SVG,
+                  service: pb.GetStatusResponse, routes: Sequence[ops.RouteState],
+                  plot: str = "", notice: str = "") -> str:
+    """The list page: the service's health, queue and routes above; ``plot`` (SVG,
     ``bridge.browser_plot``) above the filters."""
     stats = service.stats
-    options = "".join(f'<option{" selected" if s == filters.get("status") else ""}>'
-                      f"{escape(s)}</option>" for s in STATUSES)
     hint = ' placeholder="YYYY-MM-DDTHH:MM (UTC)"'
     inputs = "".join(
         f'<label>{name} <input name="{name}" value="{escape(filters.get(name, ""))}"'
         f'{hint if name in ("after", "before") else ""} size="14"></label> '
-        for name in FILTERS[1:])
-    form = (f'<form id="filters" method="get" action="/deliberations"><label>status '
-            f'<select name="status">{options}</select></label> {inputs}'
-            "<button>Filter</button></form>")
+        for name in FILTERS[2:])
+    form = ('<form id="filters" method="get" action="/deliberations">'
+            + _select("status", STATUSES[1:], filters.get("status", ""))
+            + _select("route", [r.name for r in routes], filters.get("route", ""))
+            + f"{inputs}<button>Filter</button></form>")
     queue = _table(["queued messages", "delayed", "dead-lettered", "active deliberations",
                     "agent jobs in flight"],
                    [[str(stats.queued_messages), str(stats.delayed_messages),
                      str(stats.dead_letter_messages), str(stats.active_deliberations),
-                     str(in_flight)]], "queue")
+                     str(sum(route.running for route in routes))]], "queue")
     rows = [[f'<a href="/deliberations/{quote(d.deliberation_id)}">'
              f"{escape(d.deliberation_id)}</a>", _status(d.status), escape(d.task_id),
-             escape(d.story_id), escape(d.model), when(d.created), when(d.finished),
-             f"{d.completed_agents}/{d.failed_agents}/{d.total_agents}"]
+             escape(d.story_id), escape(d.model), escape(d.route), when(d.created),
+             when(d.finished), f"{d.completed_agents}/{d.failed_agents}/{d.total_agents}"]
             for d in found.deliberations]
-    listing = _table(["deliberation", "status", "task_id", "story_id", "model", "created (UTC)",
-                      "finished (UTC)", "completed/failed/agents"], rows, "deliberations")
+    listing = _table(["deliberation", "status", "task_id", "story_id", "model", "route",
+                      "created (UTC)", "finished (UTC)", "completed/failed/agents"], rows,
+                     "deliberations")
     more = ""
     if found.next_page_token:
         query = urlencode({**{k: v for k, v in filters.items() if v},
@@ -113,8 +119,30 @@ def deliberations(found: ops.ListDeliberationsResponse, filters: Dict[str, str],
     health = (f'<p id="health">service <span class="s-{escape(service.status)}">'
               f"{escape(service.status)}</span>"
               + (f": {escape(service.message)}" if service.message else "") + "</p>")
-    return page("Deliberations", f"{health}{queue}{plot}{form}{listing}{more}<p>{first}</p>",
-                notice)
+    return page("Deliberations", f"{health}{queue}{routes_panel(routes)}{plot}{form}{listing}"
+                                 f"{more}<p>{first}</p>", notice)
+
+
+def routes_panel(routes: Sequence[ops.RouteState]) -> str:
+    """Per route its queue, workers and jobs running; per endpoint of its pool its slots in
+    use and its circuit."""
+    queues = _table(
+        ["route", "queue", "ready", "delayed", "dead-lettered", "live workers", "jobs running"],
+        ([f'<a href="/deliberations?{escape(urlencode({"route": r.name}))}">{escape(r.name)}'
+          "</a>", escape(r.queue), str(r.ready), str(r.delayed), str(r.dead), str(r.workers),
+          str(r.running)] for r in routes), "routes")
+    endpoints = _table(
+        ["route", "vLLM endpoint", "slots in use", "circuit", "failures"],
+        ([escape(r.name), escape(e.url), f"{e.in_use}/{e.concurrency}", _circuit(e),
+          str(e.failures)] for r in routes for e in r.endpoints), "endpoints")
+    return queues + endpoints
+
+
+def _circuit(endpoint: ops.EndpointState) -> str:
+    if endpoint.circuit == "open":
+        return (f'<span class="s-failed">open for {endpoint.open_for_seconds:.0f} s'
+                "</span>")
+    return escape(endpoint.circuit)
 
 
 # --- one deliberation ---

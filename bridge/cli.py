@@ -2,9 +2,9 @@
 
 Sub-commands run one part each (``bridge``, ``worker``, ``dashboard``), all of them on
 loopback (``up``), or talk to a running bridge (``submit``, ``status``, ``watch``,
-``list``, ``cancel``, ``retry``, ``dlq``). The worker runs in the worker environment (the
-cluster's Python with Ray): ``worker`` starts Dramatiq there as a separate process, so this
-module never imports the Ray side.
+``list``, ``routes``, ``cancel``, ``retry``, ``dlq``). The worker runs in the worker
+environment (the cluster's Python with Ray): ``worker`` starts Dramatiq there as a separate
+process, so this module never imports the Ray side.
 """
 
 from __future__ import annotations
@@ -155,19 +155,38 @@ def _list_command(args: argparse.Namespace, settings: Settings) -> int:
     async def listing() -> int:
         filters = {name: value for name, value in (
             ("status", args.status), ("task_id", args.task_id), ("story_id", args.story_id),
-            ("model", args.model)) if value}
+            ("model", args.model), ("route", args.route)) if value}
         async with _client(args, settings) as client:
             page = await client.deliberations(page_size=args.limit, page_token=args.page,
                                               **filters)
         for found in page.deliberations:
             print(f"{found.deliberation_id} {found.status:<9} "
                   f"{found.created.ToDatetime():%Y-%m-%d %H:%M:%S} "
-                  f"{found.completed_agents}/{found.total_agents} {found.task_id}")
+                  f"{found.completed_agents}/{found.total_agents} {found.task_id} "
+                  f"route={found.route or '-'}")
         if page.next_page_token:
             print(f"more: --page {page.next_page_token}")
         return 0
 
     return _calling(listing())
+
+
+def _routes_command(args: argparse.Namespace, settings: Settings) -> int:
+    async def routes() -> int:
+        async with _client(args, settings) as client:
+            found = await client.routes()
+        for route in found.routes:
+            print(f"route {route.name} (queue {route.queue}): {route.workers} workers, "
+                  f"{route.ready} ready, {route.delayed} delayed, {route.dead} dead, "
+                  f"{route.running} running")
+            for endpoint in route.endpoints:
+                circuit = (f"open for {endpoint.open_for_seconds:.0f} s"
+                           if endpoint.circuit == "open" else endpoint.circuit)
+                print(f"  {endpoint.url}: {endpoint.in_use}/{endpoint.concurrency} slots, "
+                      f"circuit {circuit} ({endpoint.failures} failures)")
+        return 0
+
+    return _calling(routes())
 
 
 def _dlq_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -235,6 +254,7 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace, Settings], int]] = {
     "cancel": _cancel_command,
     "retry": _retry_command,
     "list": _list_command,
+    "routes": _routes_command,
     "dlq": _dlq_command,
 }
 
@@ -265,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
                             ("status", "show a deliberation's status, or the service's"),
                             ("watch", "follow a deliberation's events until it ends"),
                             ("list", "deliberations newest first, filtered and paged"),
+                            ("routes", "each route's queue, workers, endpoints and circuits"),
                             ("cancel", "cancel a deliberation (its running jobs stop)"),
                             ("retry", "run the failed agents of a finished deliberation "
                                       "again (recorded)"),
@@ -275,7 +296,7 @@ def parser() -> argparse.ArgumentParser:
         if name == "dlq":
             _dlq_arguments(command)
         elif name == "list":
-            for option in ("status", "task-id", "story-id", "model"):
+            for option in ("status", "task-id", "story-id", "model", "route"):
                 command.add_argument(f"--{option}", default="", help="exact match")
             command.add_argument("--limit", type=int, default=0, help="page size (default 50)")
             command.add_argument("--page", default="", help="the token `more:` printed")
@@ -292,7 +313,7 @@ def parser() -> argparse.ArgumentParser:
             command.add_argument("--task-id", default="")
             command.add_argument("--timeout", type=int, default=0, help="seconds per agent")
             command.add_argument("--watch", action="store_true", help="then follow it")
-        else:
+        elif name != "routes":
             command.add_argument("deliberation_id", nargs="?" if name == "status" else None,
                                  default="")
     return root

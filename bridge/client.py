@@ -146,10 +146,15 @@ class RayExecutorClient:
 
     async def deliberations(self, *, page_size: int = 0, page_token: str = "",
                             **filters: str) -> ops.ListDeliberationsResponse:
-        """One page, newest first; ``filters``: status, task_id, story_id, model."""
+        """One page, newest first; ``filters``: status, task_id, story_id, model, route."""
         return await self._operations.ListDeliberations(
             ops.ListDeliberationsRequest(page_size=page_size, page_token=page_token, **filters),
             timeout=self.timeout, metadata=self._metadata)
+
+    async def routes(self) -> ops.GetRoutesResponse:
+        """Each route: its queue, workers, jobs running, endpoints and their circuits."""
+        return await self._operations.GetRoutes(ops.GetRoutesRequest(), timeout=self.timeout,
+                                                metadata=self._metadata)
 
     async def dead_letters(self, after_sequence: int = 0, limit: int = 0
                            ) -> ops.ListDeadLettersResponse:

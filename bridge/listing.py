@@ -24,7 +24,7 @@ from core.store import DeliberationStore
 CHUNK = 500
 SCAN_LIMIT = 20_000
 SUMMARY_FIELDS = ("status", "task_id", "story_id", "model", "created_ms", "finished_ms",
-                  "num_agents", "completed", "failed")
+                  "num_agents", "completed", "failed", "route")
 
 
 class BadCursor(ValueError):
@@ -41,11 +41,16 @@ class Filters:
     model: str = ""
     created_after_ms: int = 0  # exclusive; 0: no bound
     created_before_ms: int = 0  # exclusive; 0: no bound
+    route: str = ""
+    # The route of records older than routes (they name none): the one serving their queue.
+    unrouted: str = ""
 
     def match(self, summary: Dict[str, str]) -> bool:
-        return all(not wanted or summary.get(name) == wanted for name, wanted in (
-            ("status", self.status), ("task_id", self.task_id),
-            ("story_id", self.story_id), ("model", self.model)))
+        route = summary.get("route") or self.unrouted
+        return all(not wanted or found == wanted for found, wanted in (
+            (summary.get("status"), self.status), (summary.get("task_id"), self.task_id),
+            (summary.get("story_id"), self.story_id), (summary.get("model"), self.model),
+            (route, self.route)))
 
 
 async def list_deliberations(store: DeliberationStore, filters: Filters, limit: int,

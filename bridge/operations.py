@@ -25,10 +25,13 @@ from nats.js.errors import NotFoundError
 
 from bridge.grpc_server import timestamp
 from bridge.listing import BadCursor, Filters, list_deliberations
+from bridge.route_views import route_views
 from core import contract, retry
 from core.contract import Subjects
 from core.errors import StateUnavailable
 from core.keys import Keys
+from core.logs import redact
+from core.routes import Routes
 from core.settings import Settings
 from core.store import DeliberationStore
 from ray_executor.v1 import operations_pb2 as ops
@@ -51,11 +54,16 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
       settings: the commands stream's name.
       subjects: subject names from settings.
       jetstream: returns the JetStream context, or None while NATS is not connected.
+      routes: the bridge's routes (``GetRoutes``, and the route of records naming none).
     """
 
     def __init__(self, store: DeliberationStore, settings: Settings, subjects: Subjects,
-                 jetstream: Any) -> None:
+                 jetstream: Any, routes: Routes) -> None:
         self.store = store
+        self.settings = settings
+        self.routes = routes
+        # Records older than routes name none: they count as the route serving their queue.
+        self.unrouted = next((r.name for r in routes if r.queue == settings.queue), "")
         self.stream = settings.nats_commands_stream
         self.subjects = subjects
         self.replays = Keys(settings.key_prefix).replays
@@ -73,7 +81,8 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
                                 f"page_size: at most {MAX_PAGE}, got {request.page_size}")
         filters = Filters(
             status=request.status, task_id=request.task_id, story_id=request.story_id,
-            model=request.model, created_after_ms=request.created_after.ToMilliseconds(),
+            model=request.model, route=request.route, unrouted=self.unrouted,
+            created_after_ms=request.created_after.ToMilliseconds(),
             created_before_ms=request.created_before.ToMilliseconds())
         try:
             found, cursor = await list_deliberations(
@@ -90,8 +99,24 @@ class OperationsServicer(ops_rpc.OperationsServiceServicer):
                 finished=timestamp(summary["finished_ms"]),
                 total_agents=int(summary["num_agents"] or 0),
                 completed_agents=int(summary["completed"] or 0),
-                failed_agents=int(summary["failed"] or 0))
+                failed_agents=int(summary["failed"] or 0), route=summary["route"] or self.unrouted)
             for summary in found])
+
+    async def GetRoutes(self, request: ops.GetRoutesRequest,
+                        context: grpc.aio.ServicerContext) -> ops.GetRoutesResponse:
+        try:
+            views = await route_views(self.store, self.settings, self.routes, self.unrouted)
+        except StateUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        return ops.GetRoutesResponse(routes=[
+            ops.RouteState(
+                name=view.state.route, queue=view.state.queue, ready=view.state.ready,
+                delayed=view.state.delayed, dead=view.state.dead, workers=view.state.workers,
+                running=view.running, endpoints=[ops.EndpointState(
+                    url=redact(e.url), concurrency=e.concurrency, in_use=e.in_use,
+                    circuit=e.circuit, open_for_seconds=e.open_for_seconds,
+                    failures=e.failures) for e in view.endpoints])
+            for view in views])
 
     async def ListDeadLetters(self, request: ops.ListDeadLettersRequest,
                               context: grpc.aio.ServicerContext) -> ops.ListDeadLettersResponse:

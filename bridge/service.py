@@ -49,7 +49,7 @@ async def run(settings: Settings, stop: asyncio.Event,
     # `ray-executor up`) may scrape right away.
     watch = Watch(store, settings, routes)
     metrics = serve_metrics(settings, routes, health=lambda: watch.latest)
-    operations = OperationsServicer(store, settings, outbox.subjects, lambda: outbox.js)
+    operations = OperationsServicer(store, settings, outbox.subjects, lambda: outbox.js, routes)
     server, health, port = build_server(ingress, settings, watch, operations)
     await server.start()
     await mark_serving(health, True)

@@ -16,13 +16,16 @@ from nats.js import JetStreamContext
 
 from bridge import browser
 from bridge.browser import Browser
+from core.logs import redact
 from core.settings import Settings, SettingsError
 from harness.standin_llm import StandinThread
 from ray_executor.v1 import ray_executor_pb2 as pb
 from tests.bridge.browsing import PASSWORD, USER, Chromium, Dashboard, basic, serving
 from tests.bridge.conftest import BridgeProcess, Channel, make_pki, request
+from tests.bridge.test_metrics import Breakers
 from tests.bridge.test_nats_ingress import as_json, consumer_ready, settled, with_nats
 from tests.bridge.test_operations_e2e import agents_request, final_status
+from tests.bridge.test_route_views import FIRST, OTHER, SECOND, submit, two_routes
 from tests.conftest import ARTIFACTS
 from tests.waiting import until
 
@@ -314,3 +317,45 @@ def test_a_dead_letter_replayed_from_the_page_completes(
         assert chromium.navigate(f"{dash.url}deliberations/{found[0]}") == 200
         assert chromium.evaluate("document.getElementById('status').dataset.status") == \
             "completed"
+
+
+def test_the_list_by_route_and_the_routes_panel(
+        start_bridge: Callable[..., BridgeProcess], redis_url: str, chromium: Chromium,
+        tmp_path: Path) -> None:
+    bridge = two_routes(start_bridge, tmp_path)
+    pooled, rest = submit(bridge, "m-pool", 2), submit(bridge, "test-model", 1)
+    bridge.stub().CancelDeliberation(pb.CancelDeliberationRequest(deliberation_id=pooled[0],
+                                                                  reason="test"))
+    Breakers(bridge, redis_url).fail(FIRST, 3)  # open for ten minutes
+    chromium.credentials = (USER, PASSWORD)
+    with serving(bridge, redis_url) as served:
+        assert chromium.navigate(f"{served.url}deliberations") == 200
+        # Each route's queue (one message per agent; a cancelled one's stays until taken).
+        assert [row[:6] for row in rows(chromium, "routes")] == [
+            ["pool", row_queue(bridge, 0), "2", "0", "0", "0"],
+            ["rest", row_queue(bridge, 1), "1", "0", "0", "0"]]
+        endpoints = rows(chromium, "endpoints")
+        assert [row[:3] for row in endpoints] == [
+            ["pool", redact(FIRST), "0/2"], ["pool", SECOND, "0/3"], ["rest", OTHER, "0/64"]]
+        assert endpoints[0][3].startswith("open for ") and endpoints[1][3] == "closed"
+        assert "s3cret" not in chromium.evaluate("document.body.innerHTML")
+        # The last hour per route: the cancelled deliberation finished on route pool.
+        totals = {plot: chromium.evaluate(f"document.getElementById('{plot}').dataset.total")
+                  for plot in ("hour", "hour-pool", "hour-rest")}
+        assert totals == {"hour": "1", "hour-pool": "1", "hour-rest": "0"}
+        chromium.screenshot(ARTIFACTS / "browser-routes.png")
+        # The filter form's route, and a route's link in the panel.
+        assert chromium.act("document.querySelector('#filters [name=route]').value = 'pool';"
+                            " document.querySelector('#filters button').click()") == 200
+        assert listed(chromium) == list(reversed(pooled))
+        assert chromium.navigate(f"{served.url}deliberations") == 200
+        assert chromium.act("document.querySelector('#routes a').click()") == 200
+        assert listed(chromium) == list(reversed(pooled))
+        assert chromium.navigate(f"{served.url}deliberations?route=rest") == 200
+        assert listed(chromium) == rest
+
+
+def row_queue(bridge: BridgeProcess, index: int) -> str:
+    """The queue of the ``index``-th route of ``two_routes``' file."""
+    routes = json.loads(Path(bridge.env["RAY_EXECUTOR_ROUTES_FILE"]).read_text())["routes"]
+    return str(routes[index]["queue"])
