@@ -235,6 +235,9 @@ def test_a_running_deliberation_updates_live_and_its_failed_agent_is_retried(
         assert agents[failed][4] and agents[failed][3] == "1"  # error class, one attempt
         events = chromium.evaluate("[...document.querySelectorAll('#events li')]"
                                    ".map(item => item.innerText.split(' ').slice(1).join(' '))")
+        # Partial output is best effort: whether the stand-in's answer comes in one batch of
+        # the runner's or in several depends on timing; the lifecycle is what is checked here.
+        events = [event for event in events if not event.startswith("agent_progress")]
         assert events[0] == "submitted" and events[-1] == "completed"
         assert sorted(events[1:-1]) == sorted(
             [f"agent_started {a}" for a in agents] +
