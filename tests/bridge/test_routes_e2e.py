@@ -34,9 +34,10 @@ def routes_file(path: Path, routes: List[Dict[str, Any]]) -> Dict[str, str]:
 
 
 def two_routes(tmp_path: Path, ray_address: str, url_a: str, url_b: str,
-               default: bool = True) -> Dict[str, str]:
+               default: bool = True, url_b2: str = "") -> Dict[str, str]:
     """Route ``a`` takes model-a (and, with ``default``, what no route names), route ``b``
-    what has ``task_type=TASK_B``; each its own queue and stand-in endpoint."""
+    what has ``task_type=TASK_B``; each its own queue, ``a`` one stand-in endpoint, ``b`` a
+    pool of two (``url_b2``, else a second path of ``url_b``)."""
     tag = uuid.uuid4().hex[:8]
     match_a: Dict[str, Any] = {"models": ["model-a"], "default": default}
     return routes_file(tmp_path / f"routes-{tag}.json", [
@@ -45,7 +46,7 @@ def two_routes(tmp_path: Path, ray_address: str, url_a: str, url_b: str,
         {"name": "b", "queue": f"qb{tag}", "ray_address": ray_address,
          "match": {"metadata": {"task_type": "TASK_B"}},
          "vllm": {"endpoints": [{"url": url_b, "concurrency": 3},
-                                {"url": url_b + "/second", "concurrency": 4}]}}])
+                                {"url": url_b2 or url_b + "/second", "concurrency": 4}]}}])
 
 
 def routed(model: str, **metadata: str) -> pb.ExecuteDeliberationRequest:
@@ -73,8 +74,9 @@ def test_each_route_runs_its_requests_on_its_own_workers(
     they reach Ray only through their route's address."""
     from harness.standin_llm import run_in_thread
 
-    with run_in_thread(latency=0.05) as llm_a, run_in_thread(latency=0.05) as llm_b:
-        routes = two_routes(tmp_path, ray_address, llm_a.url, llm_b.url)
+    with run_in_thread(latency=0.05) as llm_a, run_in_thread(latency=0.05) as llm_b, \
+            run_in_thread(latency=0.05) as llm_b2:
+        routes = two_routes(tmp_path, ray_address, llm_a.url, llm_b.url, url_b2=llm_b2.url)
         bridge = start_bridge(VLLM_URL="http://127.0.0.1:9/v1", **routes)
         stub = bridge.stub()
         by_model = stub.ExecuteDeliberation(routed("model-a")).deliberation_id
@@ -98,7 +100,7 @@ def test_each_route_runs_its_requests_on_its_own_workers(
         for deliberation_id in (by_model, by_default):
             done = until(lambda: final(stub, deliberation_id),  # noqa: B023 (awaited here)
                          "route a's deliberations", timeout=180)
-            assert done.status == "completed", done
+            assert (done.status, done.completed_agents) == ("completed", 2), done
         assert final(stub, by_metadata) is None  # a's worker never takes b's jobs
         assert client.llen(f"dramatiq:{queue_b}") == 2
         status = status_of(stub)
@@ -108,11 +110,13 @@ def test_each_route_runs_its_requests_on_its_own_workers(
 
         start_worker(bridge, RAY_ADDRESS=UNREACHABLE, RAY_EXECUTOR_ROUTE="b")
         done = until(lambda: final(stub, by_metadata), "route b's deliberation", timeout=180)
-        assert done.status == "completed", done
+        assert (done.status, done.completed_agents) == ("completed", 2), done
         healthy = until(lambda: (lambda s: s if s.status == "healthy" else None)(
             status_of(stub)), "healthy with a worker on each route", timeout=60)
         assert "route b (queue " in healthy.message and healthy.stats.queued_messages == 0
-        assert llm_a.stats()["requests"] == 4 and llm_b.stats()["requests"] == 2
+        # Route b's two jobs went to its pool's endpoints (the least loaded), none to a's.
+        assert llm_a.stats()["requests"] == 4
+        assert llm_b.stats()["requests"] + llm_b2.stats()["requests"] == 2
 
 
 def test_a_request_no_route_takes_is_refused_naming_the_field(
