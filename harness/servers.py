@@ -9,6 +9,7 @@ it stops everything it spawned. Python 3.9 compatible: the worker-side tests use
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import logging
@@ -23,7 +24,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 logger = logging.getLogger("ray_executor.servers")
 
@@ -99,13 +100,17 @@ class Server:
     """One server process (and its process group) listening on loopback."""
 
     def __init__(self, name: str, url: str, port: int, args: List[str], *,
-                 env: Optional[dict] = None, log_path: Optional[Path] = None) -> None:
+                 env: Optional[dict] = None, log_path: Optional[Path] = None,
+                 ready: Optional[Callable[[], bool]] = None) -> None:
         self.name = name
         self.url = url
         self.port = port
         self.args = args
         self.env = env
         self.log_path = log_path
+        # Asked once the port is open, until it says yes: a server may listen before it
+        # serves (valkey answers LOADING while it replays its append-only file).
+        self.ready = ready
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 30.0) -> Server:
@@ -119,7 +124,13 @@ class Server:
             if log is not subprocess.DEVNULL:
                 log.close()  # the child keeps its own descriptor
         try:
+            deadline = time.monotonic() + timeout
             wait_for_port(self.port, timeout, self.process)
+            while self.ready is not None and not self.ready():
+                if time.monotonic() > deadline:
+                    raise ServerError(f"port {self.port} open but not ready within "
+                                      f"{timeout:.0f}s")
+                time.sleep(0.05)
         except ServerError as exc:
             self.stop()
             raise ServerError(
@@ -168,7 +179,25 @@ def valkey(workdir: Path, port: Optional[int] = None, *, password: str = "",
         args += ["--requirepass", password]
     auth = f":{password}@" if password else ""
     return Server("valkey", f"redis://{auth}127.0.0.1:{port}/0", port, args,
-                  log_path=workdir / "valkey.log")
+                  log_path=workdir / "valkey.log",
+                  ready=functools.partial(_valkey_serves, port, password))
+
+
+def _valkey_serves(port: int, password: str) -> bool:
+    """Whether valkey answers PING with PONG (not LOADING while it replays its AOF)."""
+    commands = (f"AUTH {password}\r\n" if password else "") + "PING\r\n"
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as connection:
+            connection.sendall(commands.encode())
+            answer = b""
+            while answer.count(b"\r\n") < commands.count("\r\n"):
+                chunk = connection.recv(256)
+                if not chunk:
+                    return False
+                answer += chunk
+    except OSError:
+        return False
+    return answer.endswith(b"+PONG\r\n")
 
 
 def nats(workdir: Path, port: Optional[int] = None, *, extra_args: Iterable[str] = ()) -> Server:

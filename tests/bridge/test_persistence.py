@@ -50,3 +50,17 @@ def test_queued_and_delayed_messages_across_a_redis_restart(
         broker.close()
     finally:
         server.stop()
+
+
+def test_a_restarted_valkey_serves_once_its_start_returns(tmp_path: Path) -> None:
+    """The harness's valkey is started only once it serves: replaying a large append-only
+    file, it listens but answers LOADING (a test read right after a restart failed so)."""
+    server = servers.valkey(tmp_path, appendonly=True).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        for start in range(0, 1_000_000, 100_000):  # a second or so to replay
+            client.mset({f"k{i}": "x" * 100 for i in range(start, start + 100_000)})
+        server.restart()
+        assert client.dbsize() == 1_000_000
+    finally:
+        server.stop()
