@@ -325,7 +325,7 @@ class RayRunners:
             try:
                 ray.get(ready, timeout=max(0.0, until - time.monotonic()))
             except GetTimeoutError:
-                raise self._unplaced(kind, options) from None
+                raise self._unplaced(kind, options, wait) from None
             except Exception:  # it died: the next job creates another
                 del self.pending[kind.name]
                 raise
@@ -335,15 +335,17 @@ class RayRunners:
             self.handles[kind.name] = handle
             return handle
 
-    def _unplaced(self, kind: JobKind, options: Dict[str, Any]) -> RunnerUnplaced:
+    def _unplaced(self, kind: JobKind, options: Dict[str, Any], wait: float
+                  ) -> RunnerUnplaced:
         import ray
 
+        waited = f"(waited {wait:g} s)"
         if self.node_resource and not ray.cluster_resources().get(self.node_resource):
             return RunnerUnplaced(
                 f"no Ray node advertises resource {self.node_resource!r} (the route's "
-                f"vllm.node_resource): the {kind.name} runner cannot be placed")
+                f"vllm.node_resource): the {kind.name} runner cannot be placed {waited}")
         return RunnerUnplaced(f"no Ray node has taken the {kind.name} runner yet: the cluster "
-                              f"is short of what it asks for ({options})")
+                              f"is short of what it asks for ({options}) {waited}")
 
     def _reset(self) -> None:
         with self.lock:

@@ -127,7 +127,8 @@ def test_a_job_whose_runner_no_node_can_take_fails_naming_the_resource(
     assert record["status"] == "failed", agents
     assert agent["error_type"] == "unavailable", agent
     assert f"no Ray node advertises resource '{RESOURCE}'" in agent["error"], agent
-    assert agent["duration_ms"] < (limit + 5) * 1000, "ended at its time limit, not later"
+    # The placement wait was the job's time limit, not the runners' longest (READY_TIMEOUT).
+    assert f"(waited {limit} s)" in agent["error"], agent
     assert standin.stats()["requests"] == 0
     log = workers.log.read_text()
     assert f"not created at boot: no Ray node advertises resource '{RESOURCE}'" in log
