@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import dramatiq
 from dramatiq.middleware import SkipMessage
@@ -124,7 +124,7 @@ class ConcurrencyLimiter(dramatiq.Middleware):
         self.runtime = runtime
         self.keys = Keys(settings.key_prefix)
         self.pools = EndpointPools(settings)
-        self._held: Dict[str, Tuple[str, str]] = {}  # message id -> (slots key, endpoint)
+        self._held: Dict[str, str] = {}  # message id -> the endpoint whose slot it holds
         self._chosen: Dict[str, Choice] = {}  # message id -> its endpoint, until it ends
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -166,7 +166,7 @@ class ConcurrencyLimiter(dramatiq.Middleware):
 
     def _take(self, message: Any, url: str, state: str) -> None:
         with self._lock:
-            self._held[message.message_id] = (self.keys.limit_slots(url), url)
+            self._held[message.message_id] = url
             self._chosen[message.message_id] = Choice(url, state)
         metrics.get().slots_in_use.labels(redact(url)).inc()
         if state == "probe":
@@ -209,17 +209,17 @@ class ConcurrencyLimiter(dramatiq.Middleware):
         with self._lock:
             held = self._held.pop(message_id, None)
         if held is not None:
-            slots, url = held
-            metrics.get().slots_in_use.labels(redact(url)).dec()
+            metrics.get().slots_in_use.labels(redact(held)).dec()
             # Not waited for: the job's thread moves on to its ack (if this fails, the lease
             # expires by itself).
-            self.runtime.redis_soon(("ZREM", slots, message_id),
+            self.runtime.redis_soon(("ZREM", self.keys.limit_slots(held), message_id),
                                     failed=f"slot release failed (it expires in {LEASE_MS} ms)")
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_SECONDS):
             with self._lock:
-                held = [(slots, member) for member, (slots, _) in self._held.items()]
+                held = [(self.keys.limit_slots(url), member)
+                        for member, url in self._held.items()]
             if not held:
                 continue
             expiry = int(time.time() * 1000) + LEASE_MS
