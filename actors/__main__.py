@@ -153,8 +153,7 @@ def queue_prefetch(settings: Settings, route: Route) -> int:
     the limiter refuse them and put them back through the delay queue, again and again."""
     if settings.worker_prefetch:
         return settings.worker_prefetch
-    capacity = sum(endpoint.concurrency for endpoint in route.endpoints)
-    share = -(-capacity // settings.worker_processes)  # ceiling
+    share = -(-route.capacity // settings.worker_processes)  # ceiling
     return max(1, min(2 * settings.worker_threads, share))
 
 

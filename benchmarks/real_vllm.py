@@ -32,6 +32,7 @@ from benchmarks.report import row
 from benchmarks.vllm_direct import TIMEOUT, closed_loop
 from bridge.validation import plan
 from cluster.prompts import build_messages, sampling
+from core import routes
 from core.settings import Settings
 from harness import servers
 from ray_executor.v1 import ray_executor_pb2 as pb
@@ -68,7 +69,7 @@ def request() -> pb.ExecuteDeliberationRequest:
 def chat_body(settings: Settings) -> dict[str, Any]:
     """The streamed chat completion our vLLM job sends for ``request()``: the job made by the
     bridge's own validation, its messages and sampling from ``cluster.prompts``."""
-    job = plan(request(), settings, "direct").jobs[0]
+    job = plan(request(), settings, "direct", routes.load(settings)).jobs[0]
     return {"model": job.model, "messages": build_messages(job), **sampling(job),
             "stream": True, "stream_options": {"include_usage": True}}
 

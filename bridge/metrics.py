@@ -107,7 +107,7 @@ class QueueCollector:
             for state, value in (("ready", ready), ("delayed", delayed), ("dead_letter", dead)):
                 depth.add_metric([route.queue, state], value)
             pending.add_metric([route.name], running_or_ready + delayed)
-            capacity.add_metric([route.name], sum(e.concurrency for e in route.endpoints))
+            capacity.add_metric([route.name], route.capacity)
         for status in ("total", "completed", "failed", "cancelled"):
             totals.add_metric([status], int(stats.get(status, 0)))
         totals.add_metric(["active"], active)

@@ -14,11 +14,11 @@ import functools
 import json
 import re
 import unicodedata
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Tuple
 from urllib.parse import urlparse
 
 from core.contract import AgentJob
-from core.routes import NoRoute, Route, Routes, implicit
+from core.routes import NoRoute, Route, Routes
 from core.settings import Settings
 from ray_executor.v1 import ray_executor_pb2 as pb
 
@@ -53,9 +53,8 @@ class Plan:
 
 
 def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
-         deliberation_id: str, routes: Optional[Routes] = None) -> Plan:
-    """The request's plan, its route picked from ``routes`` (default: the one implicit route
-    of the single-route settings)."""
+         deliberation_id: str, routes: Routes) -> Plan:
+    """The request's plan, its route picked from ``routes`` (``core.routes.load``)."""
     size = request.ByteSize()
     if size > settings.max_request_bytes:
         raise InvalidRequest("request", f"{size} bytes, more than {settings.max_request_bytes}")
@@ -75,7 +74,7 @@ def plan(request: pb.ExecuteDeliberationRequest, settings: Settings,
         _url("vllm_url", request.vllm_url)
     model = _text("vllm_model", request.vllm_model, settings, limit=MAX_ID_CHARS)
     model = model or settings.vllm_model
-    route = _route(routes or _implicit(settings), model, metadata)
+    route = _route(routes, model, metadata)
     # A route's first endpoint stands for its pool (the workers choose within it).
     vllm_url = request.vllm_url.strip() or route.endpoints[0].url
 
@@ -125,11 +124,6 @@ def _route(routes: Routes, model: str, metadata: Dict[str, str]) -> Route:
         if by_model and not any(model in route.models for route in by_model):
             raise InvalidRequest("vllm_model", str(exc)) from None
         raise InvalidRequest("constraints.metadata", str(exc)) from None
-
-
-@functools.lru_cache(maxsize=8)
-def _implicit(settings: Settings) -> Routes:
-    return Routes([implicit(settings)])
 
 
 def check_backlog_review_task_id(value: str) -> None:

@@ -88,7 +88,7 @@ async def _try(store: DeliberationStore, deliberation_id: str, by: str, reason: 
         contract.event_id(deliberation_id, contract.FAILED, agent_id, round)
         for agent_id in failed]
     retried = lifecycle_event("retried", status=contract.QUEUED, **action)
-    queue = record.get("queue") or store.settings.queue  # its route's (core.store.submit)
+    queue = store.queue_of(record)
     args: List[Any] = [deliberation_id, action["time_ms"], round, json.dumps(action), retried,
                        WAKE_CHANNEL, queue, len(pending), *pending]
     for agent_id in failed:

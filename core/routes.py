@@ -58,6 +58,11 @@ class Route:
     default: bool = False
     node_resource: str = ""
 
+    @property
+    def capacity(self) -> int:
+        """The most jobs the route's endpoints run at once."""
+        return sum(endpoint.concurrency for endpoint in self.endpoints)
+
     def takes(self, model: str, metadata: Mapping[str, str]) -> bool:
         """Whether the route names this request (the default route aside)."""
         if not self.models and not self.metadata:

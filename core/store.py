@@ -158,8 +158,7 @@ class DeliberationStore:
         records = []
         for idempotency_key, record, jobs, options in submissions:
             deliberation_id = record["id"]
-            # Each its own route's queue (bridge.validation puts it in the record).
-            queue = record.get("queue") or self.settings.queue
+            queue = self.queue_of(record)
             record = {**record, "status": contract.QUEUED, "created_ms": now,
                       "completed": 0, "failed": 0, "num_agents": len(jobs)}
             records.append(record)
@@ -199,6 +198,11 @@ class DeliberationStore:
         if not record:
             return None
         return record, _decode_agents(agents)
+
+    def queue_of(self, record: Dict[str, Any]) -> str:
+        """The Dramatiq queue of a deliberation's jobs: its route's, which bridge.validation
+        puts in the record (``RAY_EXECUTOR_QUEUE`` for records from before routes)."""
+        return record.get("queue") or self.settings.queue
 
     async def active_jobs(self) -> List[Tuple[Dict[str, str], Dict[str, Any]]]:
         """(deliberation record, agent) of every agent job queued or running."""
